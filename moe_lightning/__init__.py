@@ -1,0 +1,9 @@
+"""moe_lightning: a Mixture-of-Experts lab on PyTorch Lightning."""
+
+from moe_lightning.experts import FeedForward, GroupedExperts, SharedExperts
+from moe_lightning.layer import MoELayer
+from moe_lightning.routing import Router, Routing, TopKRouter
+
+__version__ = "0.1.0"
+
+__all__ = ["FeedForward", "GroupedExperts", "MoELayer", "Router", "Routing", "SharedExperts", "TopKRouter"]

@@ -1,0 +1,113 @@
+"""All experts of a layer as 3-D weights, run by one grouped GEMM per projection or by a plain loop.
+
+Shape legend: N routed rows (sorted by expert), D model dim, F expert hidden dim, E experts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moe_lightning.experts.activations import Activation, activate, check_activation, is_gated
+
+Implementation = Literal["grouped_mm", "loop"]
+
+# torch >= 2.10 exposes the public name; older releases only the private op with the same semantics.
+_grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
+
+
+class GroupedExperts(nn.Module):
+    """E independent MLP experts stored as ``w_gate_EDF``, ``w_up_EDF`` and ``w_down_EFD``.
+
+    ``forward`` takes rows already sorted by expert (``tokens_per_expert_E[e]`` consecutive rows for
+    expert ``e``) and returns one output row per input row. Two implementations compute the same thing:
+
+    - ``"grouped_mm"``: one ``torch grouped_mm`` per projection over all experts (the fast path);
+    - ``"loop"``: a Python loop over experts with ordinary matmuls (the readable reference).
+
+    Args:
+        num_experts: E.
+        dim: model dimension D.
+        hidden_dim: expert hidden dimension F.
+        activation: ``"swiglu"`` (three projections) or ``"gelu"`` (two).
+        implementation: ``"grouped_mm"`` or ``"loop"``.
+        init_std: standard deviation of the normal initialisation.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        dim: int,
+        hidden_dim: int,
+        activation: Activation = "swiglu",
+        implementation: Implementation = "grouped_mm",
+        init_std: float = 0.02,
+    ) -> None:
+        super().__init__()
+        check_activation(activation)
+        if implementation not in ("grouped_mm", "loop"):
+            raise ValueError(f"implementation must be 'grouped_mm' or 'loop', got implementation={implementation!r}")
+        if min(num_experts, dim, hidden_dim) < 1:
+            raise ValueError(
+                f"num_experts, dim and hidden_dim must be >= 1, got {num_experts=}, {dim=}, {hidden_dim=}"
+            )
+        self.num_experts = num_experts
+        self.dim = dim
+        self.hidden_dim = hidden_dim
+        self.activation = activation
+        self.implementation = implementation
+        self.init_std = init_std
+        self.w_gate_EDF = nn.Parameter(torch.empty(num_experts, dim, hidden_dim)) if is_gated(activation) else None
+        self.w_up_EDF = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        self.w_down_EFD = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for weight in (self.w_gate_EDF, self.w_up_EDF):
+            if weight is not None:
+                nn.init.normal_(weight, std=self.init_std)
+        # Scale the output projection like a residual branch so deep stacks start near identity.
+        nn.init.normal_(self.w_down_EFD, std=self.init_std / math.sqrt(2))
+
+    def forward(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
+        dtype = _compute_dtype(x_ND)
+        x_ND = x_ND.to(dtype)
+        weights = [None if w is None else w.to(dtype) for w in (self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD)]
+        if self.implementation == "loop" or not _grouped_mm_supported(x_ND):
+            return self._forward_loop(x_ND, tokens_per_expert_E, *weights)
+        return self._forward_grouped(x_ND, tokens_per_expert_E, *weights)
+
+    @staticmethod
+    def _forward_grouped(
+        x_ND: Tensor, tokens_per_expert_E: Tensor, w_gate_EDF: Tensor | None, w_up_EDF: Tensor, w_down_EFD: Tensor
+    ) -> Tensor:
+        offsets_E = tokens_per_expert_E.cumsum(0).to(torch.int32)
+        gate_NF = None if w_gate_EDF is None else _grouped_mm(x_ND, w_gate_EDF, offs=offsets_E)
+        up_NF = _grouped_mm(x_ND, w_up_EDF, offs=offsets_E)
+        return _grouped_mm(activate(up_NF, gate_NF), w_down_EFD, offs=offsets_E)
+
+    @staticmethod
+    def _forward_loop(
+        x_ND: Tensor, tokens_per_expert_E: Tensor, w_gate_EDF: Tensor | None, w_up_EDF: Tensor, w_down_EFD: Tensor
+    ) -> Tensor:
+        outputs = []
+        for e, x_nD in enumerate(x_ND.split(tokens_per_expert_E.tolist())):
+            gate_nF = None if w_gate_EDF is None else x_nD @ w_gate_EDF[e]
+            outputs.append(activate(x_nD @ w_up_EDF[e], gate_nF) @ w_down_EFD[e])
+        return torch.cat(outputs) if outputs else x_ND.new_zeros(0, w_down_EFD.shape[-1])
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    # Under autocast the parameters stay fp32; grouped_mm is not autocast-aware, so cast explicitly.
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _grouped_mm_supported(x: Tensor) -> bool:
+    # The CUDA kernels take bf16 only; the CPU kernel takes any float dtype.
+    return x.device.type == "cpu" or x.dtype == torch.bfloat16
