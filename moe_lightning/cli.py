@@ -1,0 +1,90 @@
+"""``moe-lightning``: LightningCLI for MoE models, with TensorBoard, checkpoints and a routing summary by default."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
+from rich.console import Console
+from rich.table import Table
+
+from moe_lightning.analytics import LayerSummary, summarize_routings
+from moe_lightning.module import MoELightningModule, unpack_output
+
+TRAINER_DEFAULTS = {
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "runs", "name": "moe"},
+    },
+    "callbacks": [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}},
+        {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
+        {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor", "init_args": {"logging_interval": "step"}},
+    ],
+}
+
+
+class MoELightningCLI(LightningCLI):
+    """``fit | validate | test | predict`` over any LightningModule and LightningDataModule chosen by ``class_path``.
+
+    After ``fit`` it routes one validation batch and prints, on rank zero, where the TensorBoard logs and the
+    checkpoint went and a per-layer routing summary (also saved as ``routing_summary.json`` in the log dir).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("model_class", MoELightningModule)
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("datamodule_class", LightningDataModule)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
+        super().__init__(*args, **kwargs)
+
+    def after_fit(self) -> None:
+        datamodule = self.trainer.datamodule
+        summaries = routing_summary_on_validation_batch(self.model, datamodule) if datamodule is not None else []
+        log_dir = self.trainer.log_dir
+        if self.trainer.is_global_zero and log_dir is not None and summaries:
+            path = Path(log_dir) / "routing_summary.json"
+            path.write_text(json.dumps([s.as_dict() for s in summaries], indent=2))
+        checkpoint = self.trainer.checkpoint_callback
+        print_fit_report(
+            log_dir,
+            checkpoint.best_model_path or checkpoint.last_model_path if checkpoint is not None else None,
+            summaries,
+        )
+
+
+@torch.no_grad()
+def routing_summary_on_validation_batch(module: MoELightningModule, datamodule: LightningDataModule) -> list[LayerSummary]:
+    batch = next(iter(datamodule.val_dataloader()))
+    batch = {key: value.to(module.device) for key, value in batch.items()}
+    was_training = module.training
+    module.eval()
+    _, routings = unpack_output(module(batch))
+    module.train(was_training)
+    return summarize_routings(routings)
+
+
+@rank_zero_only
+def print_fit_report(log_dir: str | None, checkpoint_path: str | None, summaries: list[LayerSummary]) -> None:
+    console = Console()
+    console.print(f"[bold]TensorBoard logs:[/bold] {log_dir}   (tensorboard --logdir {Path(log_dir).parent if log_dir else '.'})")
+    console.print(f"[bold]Checkpoint:[/bold] {checkpoint_path or 'none saved'}")
+    if not summaries:
+        return
+    console.print(f"[bold]Routing summary[/bold] (one validation batch; also in {Path(log_dir) / 'routing_summary.json'})")
+    table = Table("layer", "experts", "imbalance max/mean", "min share", "max share", "idle", "dropped", "load entropy")
+    for s in summaries:
+        table.add_row(
+            str(s.layer), str(s.num_experts), f"{s.imbalance:.2f}", f"{s.min_share:.3f}", f"{s.max_share:.3f}",
+            str(s.idle_experts), f"{s.dropped_fraction:.3f}", f"{s.load_entropy:.3f}",
+        )
+    console.print(table)
+
+
+def main(args: list[str] | None = None) -> None:
+    MoELightningCLI(args=args)

@@ -1,0 +1,148 @@
+"""MoETransformer: a decoder-only language model with RMSNorm, RoPE, causal SDPA attention (GQA) and MoE blocks.
+
+Shape legend: B batch, L sequence length, D model dim, H query heads, G key/value heads, Dh head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moe_lightning.experts import FeedForward, GroupedExperts, SharedExperts
+from moe_lightning.layer import MoELayer
+from moe_lightning.models.config import MoETransformerConfig
+from moe_lightning.routing import Router, Routing, TopKRouter
+
+RouterFactory = Callable[[int, int], Router]
+"""Builds one router from ``(dim, num_experts)``; in YAML, a router ``class_path`` with its other ``init_args``."""
+
+
+class MoEModelOutput(NamedTuple):
+    logits: Tensor
+    """``[B, L, V]`` next-token logits."""
+    routings: list[Routing]
+    """One :class:`Routing` per MoE block, in depth order."""
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (Su et al. 2021) in the rotate-half layout."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles_LF = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+        self.register_buffer("cos_LF", angles_LF.cos(), persistent=False)
+        self.register_buffer("sin_LF", angles_LF.sin(), persistent=False)
+
+    def forward(self, x_BHLDh: Tensor, positions_L: Tensor) -> Tensor:
+        cos, sin = self.cos_LF[positions_L], self.sin_LF[positions_L]
+        x1, x2 = x_BHLDh.float().chunk(2, dim=-1)
+        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return rotated.to(x_BHLDh.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: MoETransformerConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.kv_heads, config.head_dim
+        self.q_proj = nn.Linear(config.dim, self.num_heads * self.head_dim, bias=False)
+        self.kv_proj = nn.Linear(config.dim, 2 * self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.dim, bias=False)
+
+    def forward(self, x_BLD: Tensor, rope: RotaryEmbedding, positions_L: Tensor) -> Tensor:
+        batch, length, _ = x_BLD.shape
+        q_BHLDh = self.q_proj(x_BLD).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k_BLGDh, v_BLGDh = self.kv_proj(x_BLD).view(batch, length, 2 * self.num_kv_heads, self.head_dim).chunk(2, dim=2)
+        k_BGLDh, v_BGLDh = k_BLGDh.transpose(1, 2), v_BLGDh.transpose(1, 2)
+        q_BHLDh, k_BGLDh = rope(q_BHLDh, positions_L), rope(k_BGLDh, positions_L)
+        out_BHLDh = F.scaled_dot_product_attention(
+            q_BHLDh, k_BGLDh, v_BGLDh, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads
+        )
+        return self.o_proj(out_BHLDh.transpose(1, 2).reshape(batch, length, -1))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: attention, then either an :class:`MoELayer` or a dense :class:`FeedForward`."""
+
+    def __init__(self, config: MoETransformerConfig, layer_idx: int, router: RouterFactory) -> None:
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.ffn: MoELayer | FeedForward
+        if config.is_moe_layer(layer_idx):
+            shared = None
+            if config.num_shared_experts > 0:
+                shared = SharedExperts(
+                    config.dim, config.expert_hidden_dim, config.num_shared_experts, config.activation,
+                    gated=config.shared_expert_gate,
+                )
+            experts = GroupedExperts(
+                config.num_experts, config.dim, config.expert_hidden_dim, config.activation,
+                config.experts_implementation, init_std=config.init_std,
+            )
+            self.ffn = MoELayer(router(config.dim, config.num_experts), experts, shared)
+        else:
+            self.ffn = FeedForward(config.dim, config.ffn_hidden_dim, config.activation)
+
+    def forward(
+        self, x_BLD: Tensor, rope: RotaryEmbedding, positions_L: Tensor, token_ids_BL: Tensor, padding_mask_BL: Tensor | None
+    ) -> tuple[Tensor, Routing | None]:
+        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), rope, positions_L)
+        h_BLD = self.ffn_norm(x_BLD)
+        if isinstance(self.ffn, MoELayer):
+            y_BLD, routing = self.ffn(h_BLD, token_ids=token_ids_BL, padding_mask=padding_mask_BL)
+            return x_BLD + y_BLD, routing
+        return x_BLD + self.ffn(h_BLD), None
+
+
+class MoETransformer(nn.Module):
+    """Decoder-only MoE language model; ``forward(input_ids)`` returns :class:`MoEModelOutput` (logits, routings).
+
+    Every MoE block passes ``input_ids`` to its router as token ids, so token-id routers such as
+    :class:`HashRouter` work without extra wiring.
+
+    Args:
+        config: sizes, see :class:`MoETransformerConfig`.
+        router: how to build each MoE block's router from ``(dim, num_experts)``; default top-2 softmax routing.
+    """
+
+    def __init__(self, config: MoETransformerConfig | None = None, router: RouterFactory | None = None) -> None:
+        super().__init__()
+        self.config = config = config or MoETransformerConfig()
+        router = router or TopKRouter
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.blocks = nn.ModuleList(TransformerBlock(config, i, router) for i in range(config.num_layers))
+        self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.reset_parameters()
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=self.config.init_std)
+
+    @property
+    def moe_layers(self) -> list[MoELayer]:
+        return [block.ffn for block in self.blocks if isinstance(block.ffn, MoELayer)]
+
+    def forward(self, input_ids: Tensor, padding_mask: Tensor | None = None) -> MoEModelOutput:
+        """``input_ids`` ``[B, L]``; ``padding_mask`` ``[B, L]`` True for real tokens (kept out of balance losses)."""
+        length = input_ids.shape[-1]
+        if length > self.config.max_seq_len:
+            raise ValueError(f"sequence length {length} exceeds max_seq_len={self.config.max_seq_len}")
+        positions_L = torch.arange(length, device=input_ids.device)
+        x_BLD = self.embed(input_ids)
+        routings = []
+        for block in self.blocks:
+            x_BLD, routing = block(x_BLD, self.rope, positions_L, input_ids, padding_mask)
+            if routing is not None:
+                routings.append(routing)
+        return MoEModelOutput(self.head(self.norm(x_BLD)), routings)

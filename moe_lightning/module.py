@@ -1,0 +1,204 @@
+"""MoELightningModule: trains any model that returns ``(logits, routings)`` as a causal language model."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torchmetrics import MeanMetric
+from typing_extensions import override
+
+from moe_lightning.routing import Router, Routing
+
+IGNORE_INDEX = -100
+
+
+class MoELightningModule(LightningModule):
+    """Next-token training of an MoE model: cross-entropy plus each router's weighted auxiliary losses.
+
+    The wrapped ``model`` is called as ``model(input_ids)`` and must return ``(logits, routings)`` (a tuple or
+    an object with ``.logits`` and ``.routings``), with ``logits`` ``[B, L, V]`` and one :class:`Routing` per
+    MoE layer. Batches are dicts with ``input_ids`` and ``labels`` (already shifted; ``-100`` is ignored).
+
+    Customise by subclassing and overriding the documented hooks:
+
+    - :meth:`forward` to call a model with another signature;
+    - :meth:`compute_loss` to change the objective;
+    - :meth:`configure_model` to build ``self.model`` lazily (pass ``model=None``), e.g. on the meta device;
+    - :meth:`param_groups` to change the optimizer groups.
+
+    Args:
+        model: the network; ``None`` if a subclass builds it in :meth:`configure_model`.
+        lr: peak learning rate of AdamW.
+        router_lr: learning rate of router parameters; ``None``: same as ``lr``.
+        weight_decay: AdamW decay of matrices (biases, norms and other 1-D tensors are not decayed).
+        betas: AdamW betas.
+        warmup_steps: linear warm-up steps.
+        max_steps: steps of the cosine decay; ``None``: the trainer's estimated stepping batches.
+        min_lr_ratio: the cosine floor as a fraction of the peak.
+        log_layer_stats: log each MoE layer's aux losses, load imbalance (max/mean) and dropped fraction.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        lr: float = 3e-4,
+        router_lr: float | None = None,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 100,
+        max_steps: int | None = None,
+        min_lr_ratio: float = 0.1,
+        log_layer_stats: bool = True,
+    ) -> None:
+        super().__init__()
+        for name, value in (("lr", lr), ("router_lr", router_lr)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be > 0, got {name}={value}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got warmup_steps={warmup_steps}")
+        if max_steps is not None and max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or None, got max_steps={max_steps}")
+        if not 0 <= min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got min_lr_ratio={min_lr_ratio}")
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        self.val_loss = MeanMetric()
+
+    # ----------------------------------------------------------------- hooks meant to be overridden
+    @override
+    def forward(self, batch: dict[str, Tensor]) -> Any:
+        """Run the model on a batch; override for models with another call signature."""
+        return self.model(batch["input_ids"])
+
+    def compute_loss(self, batch: dict[str, Tensor], logits: Tensor, routings: list[Routing]) -> dict[str, Tensor]:
+        """Return named loss terms; their sum is optimised. Default: ``ce`` plus every router's aux losses."""
+        terms = {"ce": self.cross_entropy(logits, batch["labels"])}
+        for routing in routings:
+            for name, value in routing.aux_losses.items():
+                terms[name] = terms.get(name, 0.0) + value
+        return terms
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups: routers may get their own learning rate; only matrices are weight-decayed."""
+        router_params = {id(p) for m in self.modules() if isinstance(m, Router) for p in m.parameters()}
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for param in self.parameters():
+            if param.requires_grad:
+                groups.setdefault((id(param) in router_params, param.dim() >= 2), []).append(param)
+        router_lr = self.hparams.router_lr or self.hparams.lr
+        return [
+            {
+                "params": params,
+                "lr": router_lr if is_router else self.hparams.lr,
+                "weight_decay": self.hparams.weight_decay if decays else 0.0,
+            }
+            for (is_router, decays), params in groups.items()
+        ]
+
+    # ----------------------------------------------------------------- Lightning hooks
+    @override
+    def setup(self, stage: str) -> None:
+        if self.model is None:
+            self.configure_model()
+        if self.model is None:
+            raise ValueError("MoELightningModule needs a model: pass model=... or build self.model in configure_model()")
+        self._check_vocab_size()
+
+    @override
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        logits, routings = unpack_output(self(batch))
+        terms = self.compute_loss(batch, logits, routings)
+        loss = sum(terms.values())
+        batch_size = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log_dict({f"train/{name}": value for name, value in terms.items()}, batch_size=batch_size)
+        if self.hparams.log_layer_stats:
+            self.log_dict(layer_stats(routings), batch_size=batch_size)
+        return loss
+
+    @override
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        logits, _ = unpack_output(self(batch))
+        num_targets = (batch["labels"] != IGNORE_INDEX).sum()
+        self.val_loss.update(self.cross_entropy(logits, batch["labels"]), weight=num_targets)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log_dict({"val/loss": loss, "val/ppl": torch.exp(loss)}, prog_bar=True, sync_dist=False)
+
+    @override
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        # Aux-loss-free balancing steps once per optimizer step, from the load of every micro-batch of the step.
+        for router in self._routers_with_expert_bias():
+            router.update_expert_bias(self.trainer.strategy.reduce(router.expert_load_E, reduce_op="sum"))
+
+    @override
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.AdamW(self.param_groups(), betas=self.hparams.betas)
+        total = self.hparams.max_steps or int(self.trainer.estimated_stepping_batches)
+        schedule = warmup_cosine(self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----------------------------------------------------------------- helpers
+    @staticmethod
+    def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+        return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+    def _routers_with_expert_bias(self) -> Iterator[Router]:
+        for module in self.modules():
+            if isinstance(module, Router) and getattr(module, "expert_bias_E", None) is not None:
+                yield module
+
+    def _check_vocab_size(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_vocab = getattr(datamodule, "vocab_size", None)
+        model_vocab = getattr(getattr(self.model, "config", None), "vocab_size", None)
+        if data_vocab is not None and model_vocab is not None and data_vocab > model_vocab:
+            raise ValueError(
+                f"vocab mismatch: the data produces token ids up to vocab_size={data_vocab} but the model's "
+                f"embedding has vocab_size={model_vocab}"
+            )
+
+
+def unpack_output(output: Any) -> tuple[Tensor, list[Routing]]:
+    """Accept ``(logits, routings)`` tuples and objects with ``.logits`` / ``.routings``."""
+    if hasattr(output, "logits") and hasattr(output, "routings"):
+        return output.logits, list(output.routings)
+    if isinstance(output, (tuple, list)) and len(output) == 2:
+        return output[0], list(output[1])
+    raise TypeError(f"the model must return (logits, routings), got {type(output).__name__}")
+
+
+@torch.no_grad()
+def layer_stats(routings: list[Routing]) -> dict[str, Tensor]:
+    """Per MoE layer: each weighted aux loss, load imbalance max/mean and the dropped-row fraction."""
+    stats = {}
+    for layer, routing in enumerate(routings):
+        load_E = routing.tokens_per_expert_E.float()
+        stats[f"moe/layer{layer}/imbalance"] = load_E.max() / load_E.mean().clamp_min(1e-9)
+        stats[f"moe/layer{layer}/dropped_fraction"] = routing.dropped_fraction
+        for name, value in routing.aux_losses.items():
+            stats[f"moe/layer{layer}/{name}"] = value.detach()
+    return stats
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
+    """LR multiplier: linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total_steps``."""
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return multiplier
