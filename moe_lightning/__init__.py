@@ -2,8 +2,9 @@
 
 from moe_lightning.experts import FeedForward, GroupedExperts, SharedExperts
 from moe_lightning.layer import MoELayer
+from moe_lightning.module import MoELightningModule
 from moe_lightning.routing import Router, Routing, TopKRouter
 
 __version__ = "0.1.0"
 
-__all__ = ["FeedForward", "GroupedExperts", "MoELayer", "Router", "Routing", "SharedExperts", "TopKRouter"]
+__all__ = ["FeedForward", "GroupedExperts", "MoELayer", "MoELightningModule", "Router", "Routing", "SharedExperts", "TopKRouter"]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
@@ -15,17 +16,21 @@ from rich.table import Table
 from moe_lightning.analytics import LayerSummary, summarize_routings
 from moe_lightning.module import MoELightningModule, unpack_output
 
-TRAINER_DEFAULTS = {
-    "logger": {
-        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": "runs", "name": "moe"},
-    },
-    "callbacks": [
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}},
-        {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
-        {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor", "init_args": {"logging_interval": "step"}},
-    ],
-}
+
+
+def trainer_defaults() -> dict:
+    """TensorBoard under ``runs/``, a last-and-best checkpoint, a rich progress bar and the learning rate."""
+    return {
+        "logger": {
+            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+            "init_args": {"save_dir": "runs", "name": "moe"},
+        },
+        "callbacks": [
+            ModelCheckpoint(save_last=True),
+            RichProgressBar(),
+            LearningRateMonitor(logging_interval="step"),
+        ],
+    }
 
 
 class MoELightningCLI(LightningCLI):
@@ -40,7 +45,7 @@ class MoELightningCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("datamodule_class", LightningDataModule)
         kwargs.setdefault("subclass_mode_data", True)
-        kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
+        kwargs.setdefault("trainer_defaults", trainer_defaults())
         super().__init__(*args, **kwargs)
 
     def after_fit(self) -> None:

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from moe_lightning.experts.activations import Activation, check_activation
+from moe_lightning.experts.grouped import IMPLEMENTATIONS, Implementation
 
 
 @dataclass
@@ -38,8 +39,8 @@ class MoETransformerConfig:
     """The first ``first_k_dense`` blocks use a dense feed-forward (DeepSeek-V3 keeps three)."""
     activation: Activation = "swiglu"
     """Expert and feed-forward activation: ``swiglu`` or ``gelu``."""
-    experts_implementation: str = "grouped_mm"
-    """``grouped_mm`` (fast) or ``loop`` (reference) for the routed experts."""
+    experts_implementation: Implementation = "auto"
+    """Routed experts: ``grouped_mm``, ``loop`` (the reference), or ``auto`` (grouped_mm on CUDA bf16, else loop)."""
     tie_embeddings: bool = False
     """Share the input embedding with the output head."""
     max_seq_len: int = 2048
@@ -73,9 +74,9 @@ class MoETransformerConfig:
             )
         if self.num_shared_experts < 0:
             raise ValueError(f"num_shared_experts must be >= 0, got num_shared_experts={self.num_shared_experts}")
-        if self.experts_implementation not in ("grouped_mm", "loop"):
+        if self.experts_implementation not in IMPLEMENTATIONS:
             raise ValueError(
-                f"experts_implementation must be 'grouped_mm' or 'loop', got {self.experts_implementation!r}"
+                f"experts_implementation must be one of {IMPLEMENTATIONS}, got {self.experts_implementation!r}"
             )
 
     @property
