@@ -4,33 +4,40 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
-from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
 from rich.table import Table
+from typing_extensions import override
 
 from moe_lightning.analytics import LayerSummary, summarize_routings
 from moe_lightning.module import MoELightningModule, unpack_output
 
+TRAINER_DEFAULTS = {
+    "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs", "name": "moe"}},
+}
 
 
-def trainer_defaults() -> dict:
-    """TensorBoard under ``runs/``, a last-and-best checkpoint, a rich progress bar and the learning rate."""
-    return {
-        "logger": {
-            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-            "init_args": {"save_dir": "runs", "name": "moe"},
-        },
-        "callbacks": [
-            ModelCheckpoint(save_last=True),
-            RichProgressBar(),
-            LearningRateMonitor(logging_interval="step"),
-        ],
-    }
+def default_callbacks(trainer_config: dict[str, Any], callbacks: list[Callback]) -> list[Callback]:
+    """A last-and-best checkpoint, a rich progress bar and the learning rate, each only where the trainer allows it."""
+    chosen = callbacks + list(trainer_config.get("callbacks") or [])
+    defaults: list[Callback] = []
+    if trainer_config.get("enable_checkpointing") is not False and not _has(chosen, ModelCheckpoint):
+        defaults.append(ModelCheckpoint(save_last=True))
+    if trainer_config.get("enable_progress_bar") is not False and not _has(chosen, ProgressBar):
+        defaults.append(RichProgressBar())
+    if trainer_config.get("logger") not in (False, None) and not _has(chosen, LearningRateMonitor):
+        defaults.append(LearningRateMonitor(logging_interval="step"))
+    return defaults
+
+
+def _has(callbacks: list[Callback], kind: type) -> bool:
+    return any(isinstance(c, kind) for c in callbacks)
 
 
 class MoELightningCLI(LightningCLI):
@@ -45,8 +52,12 @@ class MoELightningCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("datamodule_class", LightningDataModule)
         kwargs.setdefault("subclass_mode_data", True)
-        kwargs.setdefault("trainer_defaults", trainer_defaults())
+        kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
         super().__init__(*args, **kwargs)
+
+    @override
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        return super()._instantiate_trainer(config, callbacks + default_callbacks(config, callbacks))
 
     def after_fit(self) -> None:
         datamodule = self.trainer.datamodule

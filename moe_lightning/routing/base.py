@@ -96,7 +96,7 @@ class Router(nn.Module):
         self.seq_aux_coef = seq_aux_coef
 
     @property
-    def num_experts_per_token(self) -> int:
+    def num_experts_per_token(self) -> float:
         """Average rows per token, used for the load-balancing normalisation."""
         return 1
 

@@ -28,7 +28,7 @@ def _valid_rows(routing: Routing, valid_mask_T: Tensor | None) -> Tensor:
     return routing.expert_idx_N[valid_mask_T[routing.token_idx_N]]
 
 
-def load_balancing_loss(routing: Routing, num_experts_per_token: int, valid_mask_T: Tensor | None = None) -> Tensor:
+def load_balancing_loss(routing: Routing, num_experts_per_token: float, valid_mask_T: Tensor | None = None) -> Tensor:
     """Switch Transformer / GShard balance loss ``E * sum_e f_e * P_e``.
 
     ``f_e`` is the share of routed rows that went to expert ``e`` (not differentiable) and ``P_e`` the mean
@@ -55,7 +55,7 @@ def router_z_loss(logits_TE: Tensor, valid_mask_T: Tensor | None = None) -> Tens
 
 
 def sequence_aux_loss(
-    routing: Routing, num_experts_per_token: int, sequence_length: int, valid_mask_T: Tensor | None = None
+    routing: Routing, num_experts_per_token: float, sequence_length: int, valid_mask_T: Tensor | None = None
 ) -> Tensor:
     """DeepSeek-V3 sequence-wise balance loss: the balance loss computed per sequence, averaged over sequences.
 

@@ -106,14 +106,9 @@ class TopKRouter(Router):
             selection_TE = selection_TE + self.expert_bias_E
         if self.num_expert_groups > 1:
             selection_TE = self._mask_unselected_groups(selection_TE)
-        expert_idx_TK = selection_TE.topk(self.k, dim=-1).indices
-
-        weight_TK = probs_TE.gather(1, expert_idx_TK)
-        if self.normalize_weights:
-            weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-        weight_TK = weight_TK * self.routed_scaling_factor
-
-        routing = routing_from_topk(logits_TE, probs_TE, expert_idx_TK, weight_TK)
+        routing = topk_routing(
+            logits_TE, probs_TE, self.k, selection_TE, self.normalize_weights, self.routed_scaling_factor
+        )
         capacity_factor = self.capacity_factor if self.training else self.eval_capacity_factor
         if capacity_factor is not None:
             capacity = math.ceil(capacity_factor * x_TD.shape[0] * self.k / self.num_experts)
@@ -145,9 +140,14 @@ class TopKRouter(Router):
         self.expert_load_E.zero_()
 
 
-def _validate_topk(num_experts: int, k: int, num_groups: int, groups_per_token: int) -> None:
+def check_num_experts_per_token(num_experts: int, k: int) -> None:
+    """Raise if ``k`` experts per token cannot be picked from ``num_experts``."""
     if not 1 <= k <= num_experts:
         raise ValueError(f"num_experts_per_token must be in [1, num_experts], got top_k={k} and num_experts={num_experts}")
+
+
+def _validate_topk(num_experts: int, k: int, num_groups: int, groups_per_token: int) -> None:
+    check_num_experts_per_token(num_experts, k)
     if num_groups < 1 or num_experts % num_groups != 0:
         raise ValueError(
             f"num_expert_groups must divide num_experts, got num_expert_groups={num_groups} and num_experts={num_experts}"
@@ -170,6 +170,27 @@ def router_logits(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
     """Router logits in fp32 whatever the model dtype or autocast state: routing decisions are precision-sensitive."""
     with torch.autocast(device_type=x_TD.device.type, enabled=False):
         return F.linear(x_TD.float(), weight_ED.float())
+
+
+def topk_routing(
+    logits_TE: Tensor,
+    probs_TE: Tensor,
+    k: int,
+    selection_TE: Tensor | None = None,
+    normalize_weights: bool = True,
+    scaling_factor: float = 1.0,
+) -> Routing:
+    """Each token takes the ``k`` experts with the highest ``selection_TE`` (default: ``probs_TE``).
+
+    The combine weights are the chosen ``probs_TE`` entries, optionally rescaled to sum to one per token,
+    times ``scaling_factor``. Selection never carries gradients; the weights do.
+    """
+    selection_TE = probs_TE.detach() if selection_TE is None else selection_TE
+    expert_idx_TK = selection_TE.topk(k, dim=-1).indices
+    weight_TK = probs_TE.gather(1, expert_idx_TK)
+    if normalize_weights:
+        weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    return routing_from_topk(logits_TE, probs_TE, expert_idx_TK, weight_TK * scaling_factor)
 
 
 def drop_over_capacity(routing: Routing, capacity: int, policy: str, k: int) -> Routing:
