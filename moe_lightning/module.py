@@ -131,9 +131,15 @@ class MoELightningModule(LightningModule):
 
     @override
     def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()
-        self.val_loss.reset()
-        self.log_dict({"val/loss": loss, "val/ppl": torch.exp(loss)}, prog_bar=True, sync_dist=False)
+        self._log_held_out_loss("val")
+
+    @override
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self._log_held_out_loss("test")
 
     @override
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
@@ -153,6 +159,12 @@ class MoELightningModule(LightningModule):
     @staticmethod
     def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
         return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+    def _log_held_out_loss(self, split: str) -> None:
+        # MeanMetric.compute() already reduces over ranks.
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log_dict({f"{split}/loss": loss, f"{split}/ppl": torch.exp(loss)}, prog_bar=True)
 
     def _routers_with_expert_bias(self) -> Iterator[Router]:
         for module in self.modules():

@@ -66,6 +66,10 @@ class NextTokenDataModule(LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, train=False)
 
+    # There is one held-out split: `test` and `predict` read it too.
+    test_dataloader = val_dataloader
+    predict_dataloader = val_dataloader
+
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested")

@@ -49,6 +49,16 @@ def test_cpu_configs_train_a_few_steps(config, tmp_path):
     assert torch.isfinite(cli.trainer.callback_metrics["val/loss"])
 
 
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_evaluation_subcommands_run(subcommand, tmp_path):
+    config = ROOT / "configs" / "synthetic-tasks.yaml"
+    MoELightningCLI(
+        args=[subcommand, "--config", str(config), f"--trainer.default_root_dir={tmp_path}", *QUICK,
+              "--trainer.limit_test_batches=1", "--trainer.limit_predict_batches=1"],
+        save_config_kwargs={"overwrite": True},
+    )
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
