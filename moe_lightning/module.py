@@ -112,7 +112,8 @@ class MoELightningModule(LightningModule):
         self._check_vocab_size()
 
     @override
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
+        """Returns the loss and the step's detached routings, which callbacks read in ``on_train_batch_end``."""
         logits, routings = unpack_output(self(batch))
         terms = self.compute_loss(batch, logits, routings)
         loss = sum(terms.values())
@@ -121,7 +122,7 @@ class MoELightningModule(LightningModule):
         self.log_dict({f"train/{name}": value for name, value in terms.items()}, batch_size=batch_size)
         if self.hparams.log_layer_stats:
             self.log_dict(layer_stats(routings), batch_size=batch_size)
-        return loss
+        return {"loss": loss, "routings": [routing.detach() for routing in routings]}
 
     @override
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:

@@ -5,7 +5,7 @@ Shape legend: T tokens, D model dim, E experts, N routed rows (token, expert) pa
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import Tensor, nn
@@ -52,6 +52,15 @@ class Routing:
     @property
     def dropped_fraction(self) -> Tensor:
         return self.num_dropped.float() / max(self.num_requested, 1)
+
+    def detach(self) -> Routing:
+        """A copy cut from the autograd graph, for statistics kept after the backward pass."""
+        tensors = {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
+        return replace(
+            self,
+            **{name: value.detach() for name, value in tensors.items()},
+            aux_losses={name: value.detach() for name, value in self.aux_losses.items()},
+        )
 
 
 class Router(nn.Module):

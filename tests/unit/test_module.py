@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.callbacks import Callback
 
 from moe_lightning.models import MoETransformer, MoETransformerConfig
 from moe_lightning.module import MoELightningModule, warmup_cosine
@@ -99,3 +100,18 @@ def test_invalid_hyperparameters_name_the_values(kwargs, message):
 def test_missing_model_is_explained(tmp_path):
     with pytest.raises(ValueError, match="needs a model"):
         quiet_trainer(tmp_path, max_steps=1).fit(MoELightningModule(None), pattern_loader())
+
+
+def test_training_step_hands_detached_routings_to_callbacks(tmp_path):
+    seen = []
+
+    class Inspect(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(outputs["routings"])
+
+    module = MoELightningModule(MoETransformer(CONFIG))
+    quiet_trainer(tmp_path, max_steps=2, callbacks=[Inspect()]).fit(module, pattern_loader(batch_size=4))
+    assert len(seen) == 2 and len(seen[0]) == len(module.model.moe_layers)
+    routing = seen[0][0]
+    assert not routing.weight_N.requires_grad and not routing.probs_TE.requires_grad
+    assert routing.tokens_per_expert_E.sum() == 4 * 16 * 2
