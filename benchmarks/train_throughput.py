@@ -1,0 +1,117 @@
+"""A whole training step (forward, backward, AdamW) of our MoETransformer against transformers' Qwen3-MoE.
+
+    PYTHONPATH=. python benchmarks/train_throughput.py [--layers 8] [--batch 8] [--seq 2048]
+
+Both models: d 2048, 16 query heads and 4 KV heads of dim 128, 64 experts top-8 of hidden 1024, vocab 32000,
+bf16 parameters and AdamW, the same batch of random tokens; ours adds its load-balancing loss, HF's router
+loss is off (its default). Each model runs alone on the card (the other is freed first), so peak memory is its own.
+
+MFU = tokens/s x FLOPs per token / the card's dense bf16 peak (989 TFLOP/s on H100 and H200), where
+FLOPs per token = 6 x (active parameters: attention, norms, router, k experts, output head; the input embedding
+is a lookup) + 12 x layers x d x seq (attention scores and values, fwd + bwd, causal mask not discounted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+from collections.abc import Callable
+
+import torch
+from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+from benchmarks.timing import gemm_tflops, median_ms, peak_memory_gib
+from moe_lightning.models import MoETransformer, MoETransformerConfig
+from moe_lightning.module import MoELightningModule
+from moe_lightning.routing import TopKRouter
+
+PEAK_BF16_TFLOPS = 989.0
+DIM, HEADS, KV_HEADS, HEAD_DIM, EXPERTS, TOP_K, EXPERT_HIDDEN, VOCAB = 2048, 16, 4, 128, 64, 8, 1024, 32000
+
+
+def flops_per_token(layers: int, seq: int) -> float:
+    attention = DIM * HEADS * HEAD_DIM * 2 + DIM * KV_HEADS * HEAD_DIM * 2
+    active_experts = TOP_K * 3 * DIM * EXPERT_HIDDEN
+    active = layers * (attention + active_experts + DIM * EXPERTS) + DIM * VOCAB
+    return 6 * active + 12 * layers * DIM * seq
+
+
+def ours(layers: int, seq: int) -> tuple[torch.nn.Module, Callable]:
+    config = MoETransformerConfig(
+        vocab_size=VOCAB, dim=DIM, num_layers=layers, num_heads=HEADS, num_kv_heads=KV_HEADS, num_experts=EXPERTS,
+        expert_hidden_dim=EXPERT_HIDDEN, max_seq_len=seq, experts_implementation="grouped_mm",
+    )
+    model = MoETransformer(config, router=functools.partial(TopKRouter, num_experts_per_token=TOP_K))
+    model = model.cuda().bfloat16()
+
+    def loss_fn(input_ids, labels):
+        logits, routings = model(input_ids)
+        return MoELightningModule.cross_entropy(logits, labels) + sum(sum(r.aux_losses.values()) for r in routings)
+
+    return model, loss_fn
+
+
+def huggingface(layers: int, seq: int, implementation: str) -> tuple[torch.nn.Module, Callable]:
+    config = Qwen3MoeConfig(
+        vocab_size=VOCAB, hidden_size=DIM, num_hidden_layers=layers, num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, num_experts=EXPERTS, num_experts_per_tok=TOP_K,
+        moe_intermediate_size=EXPERT_HIDDEN, max_position_embeddings=seq, norm_topk_prob=True,
+        experts_implementation=implementation, attn_implementation="sdpa",
+    )
+    model = Qwen3MoeForCausalLM(config).cuda().bfloat16()
+
+    def loss_fn(input_ids, labels):
+        logits = model(input_ids=input_ids).logits
+        return MoELightningModule.cross_entropy(logits, labels)
+
+    return model, loss_fn
+
+
+def measure(build: Callable, batch: int, seq: int) -> tuple[float, float]:
+    model, loss_fn = build()
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    tokens = torch.randint(0, VOCAB, (batch, seq + 1), device="cuda")
+    input_ids, labels = tokens[:, :-1], tokens[:, 1:]
+
+    def step():
+        loss_fn(input_ids, labels).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    ms = median_ms(step, warmup=3, reps=6)
+    peak = peak_memory_gib(step)
+    del model, optimizer, loss_fn
+    gc.collect()
+    torch.cuda.empty_cache()
+    return batch * seq / (ms * 1e-3), peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--skip-hf-eager", action="store_true", help="the eager HF loop is the slowest peer")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"card: {torch.cuda.get_device_name()}  torch {torch.__version__}  8192^3 GEMM {gemm_tflops():.0f} TFLOP/s")
+    runs = {"ours": functools.partial(ours, args.layers, args.seq)}
+    runs["HF grouped_mm"] = functools.partial(huggingface, args.layers, args.seq, "grouped_mm")
+    if not args.skip_hf_eager:
+        runs["HF eager"] = functools.partial(huggingface, args.layers, args.seq, "eager")
+    results = {name: measure(build, args.batch, args.seq) for name, build in runs.items()}
+
+    per_token = flops_per_token(args.layers, args.seq)
+    ours_rate = results["ours"][0]
+    print(f"\n{args.layers} layers, batch {args.batch} x {args.seq}, {per_token / 1e9:.1f} GFLOP per token")
+    print(f"| {'model':<14} | {'tokens/s':>9} | {'MFU':>6} | {'ours speed-up':>13} | {'peak GiB':>8} |")
+    print(f"|{'-' * 16}|{'-' * 11}|{'-' * 8}|{'-' * 15}|{'-' * 10}|")
+    for name, (rate, peak) in results.items():
+        mfu = rate * per_token / (PEAK_BF16_TFLOPS * 1e12)
+        print(f"| {name:<14} | {rate:9.0f} | {mfu:6.1%} | {ours_rate / rate:12.2f}x | {peak:8.1f} |")
+
+
+if __name__ == "__main__":
+    main()
