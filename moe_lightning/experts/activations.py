@@ -7,6 +7,8 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor
 
+from moe_lightning.kernels.swiglu import swiglu
+
 Activation = Literal["swiglu", "gelu"]
 ACTIVATIONS = ("swiglu", "gelu")
 
@@ -22,4 +24,4 @@ def check_activation(activation: str) -> None:
 
 def activate(up: Tensor, gate: Tensor | None) -> Tensor:
     """``silu(gate) * up`` for SwiGLU, ``gelu(up)`` for the ungated MLP (``gate`` None)."""
-    return F.gelu(up) if gate is None else F.silu(gate) * up
+    return F.gelu(up) if gate is None else swiglu(gate, up)

@@ -38,6 +38,9 @@ class Routing:
     """int64 scalar: rows the router wanted but dropped for capacity (0 when dropless)."""
     num_requested: int
     """Rows the router would have produced without capacity limits (for the dropped fraction)."""
+    rows_per_token: int | None = None
+    """K when every token has exactly K rows stored token-major (row ``n`` belongs to token ``n // K``), as
+    dropless top-k routing produces; None otherwise. Dispatchers use it for a sort-free combine."""
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
     """Weighted auxiliary losses (coefficient already applied), ready to be added to the task loss."""
 
@@ -170,4 +173,5 @@ def routing_from_topk(
         probs_TE=probs_TE,
         num_dropped=torch.zeros((), dtype=torch.long, device=logits_TE.device),
         num_requested=num_tokens * k,
+        rows_per_token=k,
     )

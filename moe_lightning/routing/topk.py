@@ -215,4 +215,5 @@ def drop_over_capacity(routing: Routing, capacity: int, policy: str, k: int) -> 
     routing.weight_N = routing.weight_N[keep_N]
     routing.tokens_per_expert_E = torch.bincount(expert_idx_N, minlength=routing.num_experts)
     routing.num_dropped = num_rows - keep_N.sum()
+    routing.rows_per_token = None
     return routing
