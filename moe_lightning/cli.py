@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -102,5 +104,19 @@ def print_fit_report(log_dir: str | None, checkpoint_path: str | None, summaries
     console.print(table)
 
 
+def report_main(args: list[str]) -> None:
+    """``moe-lightning report RUN_DIR [--out DIR]``: the static router report of a finished or running run."""
+    parser = argparse.ArgumentParser(prog="moe-lightning report", description=report_main.__doc__)
+    parser.add_argument("run_dir", help="a directory holding router_stats.jsonl (and routing_traces/), searched recursively")
+    parser.add_argument("--out", default=None, help="where to write the report (default: RUN_DIR/report)")
+    options = parser.parse_args(args)
+    from moe_lightning.analytics.report import build_report  # matplotlib only for this subcommand
+
+    print(f"report: {build_report(options.run_dir, options.out)}")
+
+
 def main(args: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["report"]:
+        return report_main(argv[1:])
     MoELightningCLI(args=args)

@@ -1,0 +1,7 @@
+"""Lightning callbacks over the routings ``training_step`` returns: statistics, traces and collapse guards."""
+
+from moe_lightning.callbacks.collapse_guard import ExpertCollapseGuard
+from moe_lightning.callbacks.stats_monitor import RouterStatsMonitor
+from moe_lightning.callbacks.trace_writer import RoutingTraceWriter
+
+__all__ = ["ExpertCollapseGuard", "RouterStatsMonitor", "RoutingTraceWriter"]
