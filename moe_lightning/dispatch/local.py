@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moe_lightning.dispatch.permute import inverse_permutation, permute_rows, replicate_and_permute
+from moe_lightning.dispatch.permute import inverse_permutation, replicate_and_permute, weighted_unpermute
 from moe_lightning.routing.base import Routing
 
 
@@ -29,8 +29,6 @@ class DispatchState:
 class FixedKDispatchState:
     """The state of the sort-free path for routings with exactly K rows per token."""
 
-    order_N: Tensor
-    """The routing row at each sorted position."""
     inverse_N: Tensor
     """The sorted position of each routing row."""
     weight_TK: Tensor
@@ -42,8 +40,9 @@ class LocalDispatcher:
 
     Two paths compute the same thing. The general one gathers rows by token index and sums them back with
     ``index_add`` (any routing: drops, expert choice). Routings with exactly K rows per token
-    (``routing.rows_per_token``) take a faster one: rows are only permuted, both ways, and the K weighted rows
-    of a token are summed by one batched matmul, so neither direction scatters with accumulation.
+    (``routing.rows_per_token``) take a faster one: both directions only gather rows through the known
+    permutation, and the weighting is folded into the un-permutation (one Triton kernel each way on CUDA), so
+    nothing scatters with accumulation.
 
     Expert-parallel dispatchers implement the same two methods, so :class:`MoELayer` never knows
     whether its experts are local or spread over ranks.
@@ -63,15 +62,13 @@ class LocalDispatcher:
             state = DispatchState(token_idx_N, routing.weight_N[order_N], x_TD.shape[0])
             return x_TD[token_idx_N], routing.tokens_per_expert_E, state
         inverse_N = inverse_permutation(order_N)
-        state = FixedKDispatchState(order_N, inverse_N, routing.weight_N.view(-1, k))
+        state = FixedKDispatchState(inverse_N, routing.weight_N.view(-1, k))
         return replicate_and_permute(x_TD, order_N, inverse_N, k), routing.tokens_per_expert_E, state
 
     def combine(self, y_ND: Tensor, state: DispatchState | FixedKDispatchState) -> Tensor:
         """Weight each expert output row and sum the rows of every token: ``y_TD[t] = sum_n w_n y_n``."""
         if isinstance(state, FixedKDispatchState):
-            num_tokens, k = state.weight_TK.shape
-            y_TKD = permute_rows(y_ND, state.inverse_N, state.order_N).view(num_tokens, k, -1)
-            return torch.bmm(state.weight_TK.to(y_ND.dtype).unsqueeze(1), y_TKD).squeeze(1)
+            return weighted_unpermute(y_ND, state.weight_TK, state.inverse_N)
         weighted_ND = y_ND * state.weight_N.unsqueeze(-1).to(y_ND.dtype)
         y_TD = y_ND.new_zeros(state.num_tokens, y_ND.shape[-1])
         return y_TD.index_add(0, state.token_idx_N, weighted_ND)
