@@ -77,6 +77,15 @@ class GroupedExperts(nn.Module):
         # Scale the output projection like a residual branch so deep stacks start near identity.
         nn.init.normal_(self.w_down_EFD, std=self.init_std / math.sqrt(2))
 
+    def keep_experts(self, start: int, stop: int) -> None:
+        """Keep only experts ``[start, stop)``: expert parallelism gives each rank one slice of every layer."""
+        if not 0 <= start < stop <= self.num_experts:
+            raise ValueError(f"expert slice [{start}, {stop}) is outside [0, {self.num_experts})")
+        for name, weight in list(self.named_parameters(recurse=False)):
+            sliced = nn.Parameter(weight.detach()[start:stop].clone(), requires_grad=weight.requires_grad)
+            setattr(self, name, sliced)
+        self.num_experts = stop - start
+
     def forward(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
         dtype = _compute_dtype(x_ND)
         x_ND = x_ND.to(dtype)

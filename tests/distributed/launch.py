@@ -1,0 +1,26 @@
+"""Run a function in W freshly spawned CPU processes that see the usual torchrun environment variables."""
+
+import os
+import socket
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
+    # Lightning's environment detection reads these, so a Trainer in the worker joins the group instead of launching.
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size), RANK=str(rank),
+        LOCAL_RANK=str(rank), NODE_RANK="0", LOCAL_WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1",
+    )
+    fn(rank, world_size, *args)
+
+
+def run_workers(fn, world_size: int, *args) -> None:
+    """Call ``fn(rank, world_size, *args)`` in ``world_size`` processes; raises if any of them fails."""
+    mp.start_processes(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, start_method="spawn")

@@ -1,0 +1,127 @@
+"""ExpertParallelStrategy in a Lightning Trainer on 2 gloo processes against a one-process Trainer on the same
+global batches: trained weights, outputs, and checkpoints that reload at another expert-parallel size."""
+
+import shutil
+
+import pytest
+import torch
+
+from moe_lightning import ExpertParallelStrategy
+from moe_lightning.checkpoint import consolidate
+from moe_lightning.checkpoint.sharded import load_sharded, shard_file_name
+from tests.distributed.launch import run_workers
+from tests.distributed.lm_cases import BATCH, build_module, loader, probe_batch, trainer
+
+# Adam divides by sqrt(v): near-zero gradients turn fp32 summation-order noise into ~1e-5 weight differences.
+TOL = dict(rtol=1e-4, atol=2e-5)
+
+
+def _snapshot(module, optimizer):
+    """Weights, optimizer state keyed by parameter name, and outputs on a fixed batch (a collective call)."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    state = {order[pid]: s for pid, s in optimizer.state_dict()["state"].items()}
+    with torch.no_grad():
+        logits = module.model(probe_batch()).logits
+    return {"params": {n: p.detach().clone() for n, p in module.named_parameters()}, "optim": state, "logits": logits}
+
+
+def _fit_and_save(rank, world_size, tmp):
+    module = build_module()
+    fit = trainer(ExpertParallelStrategy(), world_size)
+    fit.fit(module, loader(BATCH, world_size, rank))
+    fit.save_checkpoint(f"{tmp}/ep{world_size}")
+    trained = _snapshot(module, fit.optimizers[0])
+    # 1 -> world_size: resume the one-process run's ordinary checkpoint (already at max_steps: restore only).
+    resumed = build_module()
+    resume = trainer(ExpertParallelStrategy(), world_size)
+    resume.fit(resumed, loader(BATCH, world_size, rank), ckpt_path=f"{tmp}/reference.ckpt")
+    torch.save({"trained": trained, "resumed": _snapshot(resumed, resume.optimizers[0])}, f"{tmp}/fit{rank}.pt")
+
+
+def _resume(rank, world_size, tmp, source):
+    module = build_module()
+    resume = trainer(ExpertParallelStrategy(), world_size)
+    resume.fit(module, loader(BATCH, world_size, rank), ckpt_path=f"{tmp}/{source}")
+    torch.save(_snapshot(module, resume.optimizers[0]), f"{tmp}/resume{world_size}_{rank}.pt")
+
+
+def _local(full, name, rank, ep):
+    """Rank ``rank``'s slice of an expert tensor of the one-process model (other tensors, Adam's step: whole)."""
+    if "experts." not in name or full.dim() == 0:
+        return full
+    size = full.shape[0] // ep
+    return full[rank * size : (rank + 1) * size]
+
+
+def _assert_matches(snapshot, reference, rank, ep):
+    torch.testing.assert_close(snapshot["logits"], reference["logits"], **TOL)
+    for name, param in reference["params"].items():
+        torch.testing.assert_close(snapshot["params"][name], _local(param, name, rank, ep), **TOL, msg=lambda m: f"{name}: {m}")
+    assert snapshot["optim"].keys() == reference["optim"].keys()
+    for name, state in reference["optim"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(snapshot["optim"][name][key], _local(value, name, rank, ep), **TOL, msg=lambda m: f"{name} {key}: {m}")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("trainer")
+    module = build_module()
+    one = trainer("auto", 1)
+    one.fit(module, loader(2 * BATCH, 2))  # the global batch of 2 ranks, unsplit
+    one.save_checkpoint(tmp / "reference.ckpt")
+    reference = _snapshot(module, one.optimizers[0])
+    run_workers(_fit_and_save, 2, str(tmp))
+    run_workers(_resume, 1, str(tmp), "ep2")
+    fits = [torch.load(tmp / f"fit{r}.pt") for r in range(2)]
+    return tmp, reference, fits, torch.load(tmp / "resume1_0.pt")
+
+
+def test_training_at_ep2_matches_one_process(runs):
+    _, reference, fits, _ = runs
+    for rank, fit in enumerate(fits):
+        _assert_matches(fit["trained"], reference, rank, ep=2)
+
+
+def test_one_process_checkpoint_resumes_at_ep2(runs):
+    _, reference, fits, _ = runs
+    for rank, fit in enumerate(fits):
+        _assert_matches(fit["resumed"], reference, rank, ep=2)
+
+
+def test_ep2_checkpoint_resumes_at_ep1(runs):
+    _, reference, _, resumed = runs
+    _assert_matches(resumed, reference, rank=0, ep=1)
+
+
+def test_consolidated_export_equals_one_process_checkpoint(runs):
+    tmp, _, _, _ = runs
+    merged = consolidate(tmp / "ep2")
+    expected = torch.load(tmp / "reference.ckpt", weights_only=False)
+    for name, value in expected["state_dict"].items():
+        torch.testing.assert_close(merged["state_dict"][name], value, **TOL, msg=name)
+    for pid, state in expected["optimizer_states"][0]["state"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(merged["optimizer_states"][0]["state"][pid][key], value, **TOL)
+    assert merged["global_step"] == expected["global_step"]
+
+
+def _broken_copy(tmp, runs_dir, name):
+    target = tmp / name
+    shutil.copytree(runs_dir / "ep2", target)
+    return target
+
+
+def test_checkpoint_missing_an_expert_shard_is_refused(runs, tmp_path):
+    broken = _broken_copy(tmp_path, runs[0], "missing")
+    (broken / shard_file_name(1, 2)).unlink()
+    with pytest.raises(ValueError, match=r"missing expert shard\(s\) \[1\] of 2.*experts-00001-of-00002"):
+        load_sharded(broken, ep_rank=0, ep_size=1)
+
+
+def test_checkpoint_with_a_duplicated_expert_shard_is_refused(runs, tmp_path):
+    broken = _broken_copy(tmp_path, runs[0], "duplicated")
+    shutil.copy(broken / shard_file_name(0, 2), broken / "experts-copy.safetensors")
+    with pytest.raises(ValueError, match=r"duplicated expert shards .*0: \['experts-00000-of-00002.safetensors', 'experts-copy"):
+        load_sharded(broken, ep_rank=0, ep_size=2)
