@@ -1,4 +1,7 @@
-"""The expert MLP activations, shared by the grouped experts and the dense feed-forward."""
+"""The expert MLP activations, shared by the grouped experts and the dense feed-forward.
+
+Gated activations take the fused input projection ``h = [gate | up]`` (width 2F) and return width F.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +25,11 @@ def check_activation(activation: str) -> None:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got activation={activation!r}")
 
 
-def activate(up: Tensor, gate: Tensor | None) -> Tensor:
-    """``silu(gate) * up`` for SwiGLU, ``gelu(up)`` for the ungated MLP (``gate`` None)."""
-    return F.gelu(up) if gate is None else swiglu(gate, up)
+def input_width(activation: str, hidden_dim: int) -> int:
+    """Width of the input projection: gate and up side by side when gated."""
+    return 2 * hidden_dim if is_gated(activation) else hidden_dim
+
+
+def activate(h: Tensor, activation: str) -> Tensor:
+    """``silu(gate) * up`` for SwiGLU (``h = [gate | up]``), ``gelu(h)`` for the ungated MLP."""
+    return swiglu(h) if is_gated(activation) else F.gelu(h)

@@ -1,6 +1,7 @@
 """All experts of a layer as 3-D weights, run by one grouped GEMM per projection or by a plain loop.
 
-Shape legend: N routed rows (sorted by expert), D model dim, F expert hidden dim, E experts.
+Shape legend: N routed rows (sorted by expert), D model dim, F expert hidden dim, E experts,
+H input-projection width (2F for SwiGLU: gate and up side by side, F for GELU).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_lightning.experts.activations import Activation, activate, check_activation, is_gated
+from moe_lightning.experts.activations import Activation, activate, check_activation, input_width
 
 Implementation = Literal["auto", "grouped_mm", "loop"]
 IMPLEMENTATIONS = ("auto", "grouped_mm", "loop")
@@ -22,12 +23,13 @@ _grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
 
 
 class GroupedExperts(nn.Module):
-    """E independent MLP experts stored as ``w_gate_EDF``, ``w_up_EDF`` and ``w_down_EFD``.
+    """E independent MLP experts stored as ``w_in_EDH`` (gate columns, then up columns) and ``w_down_EFD``.
 
     ``forward`` takes rows already sorted by expert (``tokens_per_expert_E[e]`` consecutive rows for
     expert ``e``) and returns one output row per input row. Two implementations compute the same thing:
 
-    - ``"grouped_mm"``: one ``torch grouped_mm`` per projection over all experts (the fast path on GPUs);
+    - ``"grouped_mm"``: one ``torch grouped_mm`` per projection over all experts (the fast path on GPUs;
+      gate and up share one GEMM, which keeps its tiles wide when F is small);
     - ``"loop"``: a Python loop over experts with ordinary matmuls (the readable reference).
 
     ``"auto"`` picks grouped_mm wherever torch has a kernel for the input (any float dtype on the CPU, bf16
@@ -37,7 +39,7 @@ class GroupedExperts(nn.Module):
         num_experts: E.
         dim: model dimension D.
         hidden_dim: expert hidden dimension F.
-        activation: ``"swiglu"`` (three projections) or ``"gelu"`` (two).
+        activation: ``"swiglu"`` (gated) or ``"gelu"``.
         implementation: ``"auto"``, ``"grouped_mm"`` or ``"loop"``.
         init_std: standard deviation of the normal initialisation.
     """
@@ -65,15 +67,12 @@ class GroupedExperts(nn.Module):
         self.activation = activation
         self.implementation = implementation
         self.init_std = init_std
-        self.w_gate_EDF = nn.Parameter(torch.empty(num_experts, dim, hidden_dim)) if is_gated(activation) else None
-        self.w_up_EDF = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        self.w_in_EDH = nn.Parameter(torch.empty(num_experts, dim, input_width(activation, hidden_dim)))
         self.w_down_EFD = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for weight in (self.w_gate_EDF, self.w_up_EDF):
-            if weight is not None:
-                nn.init.normal_(weight, std=self.init_std)
+        nn.init.normal_(self.w_in_EDH, std=self.init_std)
         # Scale the output projection like a residual branch so deep stacks start near identity.
         nn.init.normal_(self.w_down_EFD, std=self.init_std / math.sqrt(2))
 
@@ -89,31 +88,20 @@ class GroupedExperts(nn.Module):
     def forward(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
         dtype = _compute_dtype(x_ND)
         x_ND = x_ND.to(dtype)
-        weights = [None if w is None else w.to(dtype) for w in (self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD)]
+        w_in_EDH, w_down_EFD = self.w_in_EDH.to(dtype), self.w_down_EFD.to(dtype)
         use_grouped = self.implementation == "grouped_mm" or (
             self.implementation == "auto" and _grouped_mm_supported(x_ND)
         )
         if use_grouped:
-            return self._forward_grouped(x_ND, tokens_per_expert_E, *weights)
-        return self._forward_loop(x_ND, tokens_per_expert_E, *weights)
+            offsets_E = tokens_per_expert_E.cumsum(0).to(torch.int32)
+            h_NH = _grouped_mm(x_ND, w_in_EDH, offs=offsets_E)
+            return _grouped_mm(activate(h_NH, self.activation), w_down_EFD, offs=offsets_E)
+        return self._forward_loop(x_ND, tokens_per_expert_E, w_in_EDH, w_down_EFD)
 
-    @staticmethod
-    def _forward_grouped(
-        x_ND: Tensor, tokens_per_expert_E: Tensor, w_gate_EDF: Tensor | None, w_up_EDF: Tensor, w_down_EFD: Tensor
-    ) -> Tensor:
-        offsets_E = tokens_per_expert_E.cumsum(0).to(torch.int32)
-        gate_NF = None if w_gate_EDF is None else _grouped_mm(x_ND, w_gate_EDF, offs=offsets_E)
-        up_NF = _grouped_mm(x_ND, w_up_EDF, offs=offsets_E)
-        return _grouped_mm(activate(up_NF, gate_NF), w_down_EFD, offs=offsets_E)
-
-    @staticmethod
-    def _forward_loop(
-        x_ND: Tensor, tokens_per_expert_E: Tensor, w_gate_EDF: Tensor | None, w_up_EDF: Tensor, w_down_EFD: Tensor
-    ) -> Tensor:
+    def _forward_loop(self, x_ND: Tensor, tokens_per_expert_E: Tensor, w_in_EDH: Tensor, w_down_EFD: Tensor) -> Tensor:
         outputs = []
         for e, x_nD in enumerate(x_ND.split(tokens_per_expert_E.tolist())):
-            gate_nF = None if w_gate_EDF is None else x_nD @ w_gate_EDF[e]
-            outputs.append(activate(x_nD @ w_up_EDF[e], gate_nF) @ w_down_EFD[e])
+            outputs.append(activate(x_nD @ w_in_EDH[e], self.activation) @ w_down_EFD[e])
         return torch.cat(outputs) if outputs else x_ND.new_zeros(0, w_down_EFD.shape[-1])
 
 

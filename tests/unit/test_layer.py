@@ -23,7 +23,8 @@ ROUTERS = {
 
 
 def expert_mlp(experts: GroupedExperts, e: int, x_D):
-    return (F.silu(x_D @ experts.w_gate_EDF[e]) * (x_D @ experts.w_up_EDF[e])) @ experts.w_down_EFD[e]
+    gate_D_F, up_D_F = experts.w_in_EDH[e, :, :HIDDEN], experts.w_in_EDH[e, :, HIDDEN:]
+    return (F.silu(x_D @ gate_D_F) * (x_D @ up_D_F)) @ experts.w_down_EFD[e]
 
 
 def reference_forward(layer: MoELayer, x_BLD, token_ids_BL):
@@ -75,8 +76,7 @@ def test_one_expert_top1_equals_dense_feedforward():
     layer = MoELayer(TopKRouter(DIM, 1, num_experts_per_token=1), GroupedExperts(1, DIM, HIDDEN))
     dense = FeedForward(DIM, HIDDEN)
     with torch.no_grad():
-        dense.gate_proj.weight.copy_(layer.experts.w_gate_EDF[0].T)
-        dense.up_proj.weight.copy_(layer.experts.w_up_EDF[0].T)
+        dense.in_proj.weight.copy_(layer.experts.w_in_EDH[0].T)
         dense.down_proj.weight.copy_(layer.experts.w_down_EFD[0].T)
     x = torch.randn(3, 5, DIM)
     y, routing = layer(x)

@@ -28,16 +28,17 @@ def test_stop_ends_training(tmp_path):
 
 def test_reinit_rewrites_dead_experts_during_training(tmp_path):
     module = tiny_module()
-    before = module.model.moe_layers[0].experts.w_up_EDF.detach().clone()
+    before = module.model.moe_layers[0].experts.w_in_EDH.detach().clone()
     guard = ExpertCollapseGuard(**ALWAYS, patience=1, action="reinit")
     with pytest.warns(UserWarning, match="action='reinit'"):
         trainer(tmp_path, [guard], max_steps=1).fit(module, loader())
     assert guard.num_reinits == 2  # both layers, once
-    assert not torch.allclose(module.model.moe_layers[0].experts.w_up_EDF, before, atol=1e-3)
+    assert not torch.allclose(module.model.moe_layers[0].experts.w_in_EDH, before, atol=1e-3)
 
 
 def test_reinit_copies_the_donor_into_dead_experts_and_forgets_their_moments():
-    layer = MoELayer(TopKRouter(8, 3, 1), GroupedExperts(3, 8, 8))
+    # Unnormalised top-1 weights, so the router gets a gradient and optimizer state too.
+    layer = MoELayer(TopKRouter(8, 3, 1, normalize_weights=False), GroupedExperts(3, 8, 8))
     optimizer = torch.optim.Adam(layer.parameters())
     layer(torch.randn(6, 8))[0].sum().backward()
     optimizer.step()

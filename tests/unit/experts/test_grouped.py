@@ -6,21 +6,23 @@ import torch.nn.functional as F
 
 from moe_lightning.experts import FeedForward, GroupedExperts
 
+HIDDEN = 24
+
 
 def per_row_reference(experts: GroupedExperts, x_ND, tokens_per_expert_E):
     """Each row through its own expert, one row at a time, written from the formulas."""
     expert_of_row = torch.repeat_interleave(torch.arange(experts.num_experts), tokens_per_expert_E)
     rows = []
     for x_D, e in zip(x_ND, expert_of_row.tolist()):
-        up = x_D @ experts.w_up_EDF[e]
-        hidden = F.silu(x_D @ experts.w_gate_EDF[e]) * up if experts.w_gate_EDF is not None else F.gelu(up)
+        h = x_D @ experts.w_in_EDH[e]
+        hidden = F.silu(h[:HIDDEN]) * h[HIDDEN:] if experts.activation == "swiglu" else F.gelu(h)
         rows.append(hidden @ experts.w_down_EFD[e])
     return torch.stack(rows)
 
 
 def twin_experts(activation, dtype=torch.float32):
-    grouped = GroupedExperts(4, 16, 24, activation=activation, implementation="grouped_mm").to(dtype)
-    loop = GroupedExperts(4, 16, 24, activation=activation, implementation="loop").to(dtype)
+    grouped = GroupedExperts(4, 16, HIDDEN, activation=activation, implementation="grouped_mm").to(dtype)
+    loop = GroupedExperts(4, 16, HIDDEN, activation=activation, implementation="loop").to(dtype)
     loop.load_state_dict(grouped.state_dict())
     return grouped, loop
 
@@ -45,7 +47,7 @@ def test_grouped_and_loop_match_per_row_reference_forward_and_backward(activatio
     torch.testing.assert_close(outputs[1], reference, rtol=1e-5, atol=1e-6)
     for g_grouped, g_loop in zip(*grads):
         torch.testing.assert_close(g_grouped, g_loop, rtol=1e-5, atol=1e-6)
-    assert grouped.w_up_EDF.grad[1].abs().sum() == 0  # the idle expert gets no gradient
+    assert grouped.w_in_EDH.grad[1].abs().sum() == 0  # the idle expert gets no gradient
 
 
 def test_grouped_matches_loop_in_bf16():
@@ -59,8 +61,7 @@ def test_single_expert_equals_feedforward_with_same_weights():
     experts = GroupedExperts(1, 16, 24)
     dense = FeedForward(16, 24)
     with torch.no_grad():
-        dense.gate_proj.weight.copy_(experts.w_gate_EDF[0].T)
-        dense.up_proj.weight.copy_(experts.w_up_EDF[0].T)
+        dense.in_proj.weight.copy_(experts.w_in_EDH[0].T)
         dense.down_proj.weight.copy_(experts.w_down_EFD[0].T)
     x_ND = torch.randn(7, 16)
     torch.testing.assert_close(experts(x_ND, torch.tensor([7])), dense(x_ND))
