@@ -88,13 +88,38 @@ def measure(build: Callable, batch: int, seq: int) -> tuple[float, float]:
     return batch * seq / (ms * 1e-3), peak
 
 
+def profile_ours(layers: int, batch: int, seq: int, rows: int = 30) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    model, loss_fn = ours(layers, seq)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    tokens = torch.randint(0, VOCAB, (batch, seq + 1), device="cuda")
+
+    def step():
+        loss_fn(tokens[:, :-1], tokens[:, 1:]).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--skip-hf-eager", action="store_true", help="the eager HF loop is the slowest peer")
+    parser.add_argument("--profile", action="store_true", help="print where our step's CUDA time goes, then exit")
     args = parser.parse_args()
+    if args.profile:
+        return profile_ours(args.layers, args.batch, args.seq)
     torch.manual_seed(0)
     print(f"card: {torch.cuda.get_device_name()}  torch {torch.__version__}  8192^3 GEMM {gemm_tflops():.0f} TFLOP/s")
     runs = {"ours": functools.partial(ours, args.layers, args.seq)}
