@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from moe_lightning.routing import losses
+from moe_lightning.routing.counting import count_per_bin
 
 
 @dataclass
@@ -168,7 +169,7 @@ def routing_from_topk(
         token_idx_N=token_idx_N,
         expert_idx_N=expert_idx_N,
         weight_N=weight_TK.reshape(-1),
-        tokens_per_expert_E=torch.bincount(expert_idx_N, minlength=logits_TE.shape[1]),
+        tokens_per_expert_E=count_per_bin(expert_idx_N, logits_TE.shape[1]),
         logits_TE=logits_TE,
         probs_TE=probs_TE,
         num_dropped=torch.zeros((), dtype=torch.long, device=logits_TE.device),

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from moe_lightning.routing.counting import count_per_bin
+
 if TYPE_CHECKING:
     from moe_lightning.routing.base import Routing
 
@@ -39,7 +41,7 @@ def load_balancing_loss(routing: Routing, num_experts_per_token: float, valid_ma
     if valid_mask_T is not None:
         probs_TE = probs_TE[valid_mask_T]
     num_valid = max(probs_TE.shape[0], 1)
-    counts_E = torch.bincount(_valid_rows(routing, valid_mask_T), minlength=num_experts).to(probs_TE.dtype)
+    counts_E = count_per_bin(_valid_rows(routing, valid_mask_T), num_experts).to(probs_TE.dtype)
     fraction_E = counts_E / (num_valid * num_experts_per_token)
     mean_prob_E = probs_TE.sum(dim=0) / num_valid
     return num_experts * torch.sum(fraction_E * mean_prob_E)
@@ -74,7 +76,7 @@ def sequence_aux_loss(
     row_valid_N = valid_T[routing.token_idx_N]
     sequence_N = routing.token_idx_N[row_valid_N] // sequence_length
     flat_SE = sequence_N * num_experts + routing.expert_idx_N[row_valid_N]
-    counts_SE = torch.bincount(flat_SE, minlength=num_sequences * num_experts).view(num_sequences, num_experts)
+    counts_SE = count_per_bin(flat_SE, num_sequences * num_experts).view(num_sequences, num_experts)
 
     fraction_SE = counts_SE.to(probs_TE.dtype) / (valid_tokens_S.unsqueeze(-1) * num_experts_per_token)
     mean_prob_SE = probs_TE.view(num_sequences, sequence_length, num_experts).sum(dim=1) / valid_tokens_S.unsqueeze(-1)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_lightning.routing.base import Router, Routing, routing_from_topk
+from moe_lightning.routing.counting import count_per_bin
 from moe_lightning.routing.losses import expert_bias_step
 
 
@@ -213,7 +214,7 @@ def drop_over_capacity(routing: Routing, capacity: int, policy: str, k: int) -> 
     routing.token_idx_N = routing.token_idx_N[keep_N]
     routing.expert_idx_N = expert_idx_N
     routing.weight_N = routing.weight_N[keep_N]
-    routing.tokens_per_expert_E = torch.bincount(expert_idx_N, minlength=routing.num_experts)
+    routing.tokens_per_expert_E = count_per_bin(expert_idx_N, routing.num_experts)
     routing.num_dropped = num_rows - keep_N.sum()
     routing.rows_per_token = None
     return routing
