@@ -30,11 +30,15 @@ those exchanges (nccl-tests' "algbw"); raw = ``all_to_all_single`` with equal sp
 send buffer of the mean exchange size (= one layer's dispatch, on average over ranks), median of 20: the ceiling.
 On the CPU the same marks are host clocks (the ops are synchronous there).
 
-Memory at the default 4 layers (1.88 G parameters: 1.61 G in experts, 0.27 G dense incl. 0.21 G embedding and
-head): bf16 weights 3.8 GB + grads 3.8 GB + AdamW's two bf16 states 7.5 GB = 15 GB; GradientReducer's flat
-all-reduce buffer copies the gradients (+3.8 GB at EP=1); activations for 16k tokens about 2.6 GB per layer
-(8 routed rows per token: 131k x 2048 bf16 = 0.5 GB per copy) + the logits' fp32 cross-entropy (16k x 50k, ~6 GB)
-=> ~35 GB peak at EP=1: one 80 GB H100 fits it. At EP=P each rank holds 1/P of the experts.
+Memory at the default 4 layers, batch 8 x 2048 (1.88 G parameters: 1.61 G in experts, 0.27 G dense, of which
+0.21 G embedding and head): bf16 weights 3.8 GB + grads 3.8 GB + AdamW's two bf16 states 7.5 GB = 15 GB;
+GradientReducer's flat all-reduce buffer copies the gradients (up to +3.8 GB at EP=1); activations of 16k tokens
+about 2.6 GB per layer (8 routed rows per token: 131k x 2048 bf16 = 0.5 GB per saved copy) + the logits and their
+fp32 cross-entropy (16k x 50k: ~8 GB) => ~35-40 GB peak at EP=1, so one 80 GB H100 fits it (the table prints the
+measured peak). At EP=P a rank keeps 1/P of the experts and their AdamW state.
+
+EP sizes must divide the world size and the 64 experts. To run sizes in separate launches instead, give one
+``--ep-sizes P`` per launch (the one-GPU row comes with each; ``--no-baseline`` drops it).
 """
 
 from __future__ import annotations
@@ -197,7 +201,7 @@ def run_config(args, device: torch.device, clock: Clock, ep: int | None) -> dict
             del logits, routings, loss, aux
     finally:
         timer.close()
-    peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if clock.cuda else float("nan")
+    peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if clock.cuda else None
 
     result = {
         "ep": ep, "dp": None if ep is None else world // ep, "step_ms": statistics.median(step_ms),
@@ -242,26 +246,32 @@ def summarize(per_rank: list[dict]) -> dict:
 
     row = dict(per_rank[0])
     row["step_ms"] = max(r["step_ms"] for r in per_rank)
-    row["peak_gib"] = max(r["peak_gib"] for r in per_rank)
+    row["peak_gib"] = None if per_rank[0]["peak_gib"] is None else max(r["peak_gib"] for r in per_rank)
     for key in ("exchange_share", "reduce_share", "a2a_gbps", "raw_gbps"):
         row[key] = mean(key)
     return row
 
 
 def print_table(rows: list[dict], tokens_per_gpu: int) -> None:
-    def fmt(value, spec, empty="-"):
-        return empty if value is None or value != value else format(value, spec)  # None or NaN: empty
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
 
     base = rows[0]["tokens_per_s"] if rows[0]["ep"] is None else None
-    print(f"| {'EP':>2} | {'DP':>2} | {'tokens/s/GPU':>12} | {'vs 1 GPU':>8} | {'step ms':>8} | {'dispatch+combine':>16} "
-          f"| {'grad reduce':>11} | {'a2a GB/s':>8} | {'raw a2a GB/s':>12} | {'peak GiB':>8} |")
-    print("|" + "|".join("-" * (w + 2) for w in (2, 2, 12, 8, 8, 16, 11, 8, 12, 8)) + "|")
+    lines = [["EP", "DP", "tokens/s/GPU", "vs 1 GPU", "step ms", "dispatch+combine", "grad reduce", "a2a GB/s",
+              "raw a2a GB/s", "peak GiB"]]
     for row in rows:
-        ratio = None if base is None else row["tokens_per_s"] / base
-        print(f"| {fmt(row['ep'], 'd', '1'):>2} | {fmt(row['dp'], 'd'):>2} | {row['tokens_per_s']:12,.0f} "
-              f"| {fmt(ratio, '.2f'):>8} | {row['step_ms']:8.1f} | {fmt(row['exchange_share'] if row['ep'] else None, '.1%'):>16} "
-              f"| {fmt(row['reduce_share'] if row['ep'] else None, '.1%'):>11} | {fmt(row['a2a_gbps'], '.4g'):>8} "
-              f"| {fmt(row['raw_gbps'], '.4g'):>12} | {fmt(row['peak_gib'], '.1f'):>8} |")
+        alone = row["ep"] is None
+        lines.append([
+            "1" if alone else str(row["ep"]), "-" if alone else str(row["dp"]), f"{row['tokens_per_s']:,.0f}",
+            fmt(base and row["tokens_per_s"] / base, ".2f"), f"{row['step_ms']:.1f}",
+            fmt(None if alone else row["exchange_share"], ".1%"), fmt(None if alone else row["reduce_share"], ".1%"),
+            fmt(row["a2a_gbps"], ".4g"), fmt(row["raw_gbps"], ".4g"), fmt(row["peak_gib"], ".1f"),
+        ])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    for i, line in enumerate(lines):
+        print("| " + " | ".join(cell.rjust(width) for cell, width in zip(line, widths)) + " |")
+        if i == 0:
+            print("|" + "|".join("-" * (width + 2) for width in widths) + "|")
     print(f"{tokens_per_gpu} tokens per GPU per step. EP 1 / DP -: each GPU alone (no communication), the base of "
           f"'vs 1 GPU'. Shares are of the step time; GB/s: send bytes / time (algbw).")
 
