@@ -46,6 +46,15 @@ def _resume(rank, world_size, tmp, source):
     torch.save(_snapshot(module, resume.optimizers[0]), f"{tmp}/resume{world_size}_{rank}.pt")
 
 
+def _reshard(rank, world_size, tmp, source, target):
+    """Restore ``source`` at EP = world_size (already at max_steps: nothing trains), save it as ``target``."""
+    module = build_module()
+    resume = trainer(ExpertParallelStrategy(), world_size)
+    resume.fit(module, loader(BATCH, world_size, rank), ckpt_path=f"{tmp}/{source}")
+    resume.save_checkpoint(f"{tmp}/{target}")
+    torch.save(_snapshot(module, resume.optimizers[0]), f"{tmp}/{target}_{rank}.pt")
+
+
 def _local(full, name, rank, ep):
     """Rank ``rank``'s slice of an expert tensor of the one-process model (other tensors, Adam's step: whole)."""
     if "experts." not in name or full.dim() == 0:
@@ -93,6 +102,15 @@ def test_one_process_checkpoint_resumes_at_ep2(runs):
 def test_ep2_checkpoint_resumes_at_ep1(runs):
     _, reference, _, resumed = runs
     _assert_matches(resumed, reference, rank=0, ep=1)
+
+
+def test_checkpoint_reshards_along_1_to_4_to_2_to_1(runs):
+    tmp, reference, _, _ = runs
+    chain = [("reference.ckpt", "chain4", 4), ("chain4", "chain2", 2), ("chain2", "chain1", 1)]
+    for source, target, ep in chain:
+        run_workers(_reshard, ep, str(tmp), source, target)
+        for rank in range(ep):
+            _assert_matches(torch.load(tmp / f"{target}_{rank}.pt"), reference, rank, ep)
 
 
 def test_consolidated_export_equals_one_process_checkpoint(runs):
