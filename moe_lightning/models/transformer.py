@@ -1,6 +1,7 @@
 """MoETransformer: a decoder-only language model with RMSNorm, RoPE, causal SDPA attention (GQA) and MoE blocks.
 
-Shape legend: B batch, L sequence length, D model dim, H query heads, G key/value heads, Dh head dim, V vocab.
+Shape legend: B batch, L sequence length, D model dim, H query heads, G key/value heads, Dh head dim, V vocab,
+S key/value cache slots, F rotary frequencies (Dh / 2).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from torch import Tensor, nn
 from moe_lightning.experts import FeedForward, GroupedExperts, SharedExperts
 from moe_lightning.layer import MoELayer
 from moe_lightning.models.config import MoETransformerConfig
+from moe_lightning.models.kv_cache import KVCache
+from moe_lightning.models.router_spec import router_spec
 from moe_lightning.routing import Router, Routing, TopKRouter
 
 RouterFactory = Callable[[int, int], Router]
@@ -38,8 +41,11 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_LF", angles_LF.cos(), persistent=False)
         self.register_buffer("sin_LF", angles_LF.sin(), persistent=False)
 
-    def forward(self, x_BHLDh: Tensor, positions_L: Tensor) -> Tensor:
-        cos, sin = self.cos_LF[positions_L], self.sin_LF[positions_L]
+    def forward(self, x_BHLDh: Tensor, positions: Tensor) -> Tensor:
+        """``positions`` is ``[L]`` (shared by every row) or ``[B, L]`` (per row)."""
+        cos, sin = self.cos_LF[positions], self.sin_LF[positions]
+        if positions.dim() == 2:
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, L, F]: the same angle in every head
         x1, x2 = x_BHLDh.float().chunk(2, dim=-1)
         rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
         return rotated.to(x_BHLDh.dtype)
@@ -53,15 +59,26 @@ class CausalSelfAttention(nn.Module):
         self.kv_proj = nn.Linear(config.dim, 2 * self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.dim, bias=False)
 
-    def forward(self, x_BLD: Tensor, rope: RotaryEmbedding, positions_L: Tensor) -> Tensor:
+    def forward(
+        self, x_BLD: Tensor, rope: RotaryEmbedding, positions: Tensor,
+        cache: KVCache | None = None, layer_idx: int = 0, attn_mask_B1LS: Tensor | None = None,
+    ) -> Tensor:
+        """Causal attention over ``x_BLD``; with a ``cache``, over the cached slots too (``attn_mask_B1LS`` from
+        :meth:`KVCache.extend`), storing this call's keys and values as layer ``layer_idx``."""
         batch, length, _ = x_BLD.shape
         q_BHLDh = self.q_proj(x_BLD).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k_BLGDh, v_BLGDh = self.kv_proj(x_BLD).view(batch, length, 2 * self.num_kv_heads, self.head_dim).chunk(2, dim=2)
         k_BGLDh, v_BGLDh = k_BLGDh.transpose(1, 2), v_BLGDh.transpose(1, 2)
-        q_BHLDh, k_BGLDh = rope(q_BHLDh, positions_L), rope(k_BGLDh, positions_L)
-        out_BHLDh = F.scaled_dot_product_attention(
-            q_BHLDh, k_BGLDh, v_BGLDh, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads
-        )
+        q_BHLDh, k_BGLDh = rope(q_BHLDh, positions), rope(k_BGLDh, positions)
+        gqa = self.num_kv_heads != self.num_heads
+        if cache is None:
+            out_BHLDh = F.scaled_dot_product_attention(q_BHLDh, k_BGLDh, v_BGLDh, is_causal=True, enable_gqa=gqa)
+        else:
+            k_BGSDh, v_BGSDh = cache.update(layer_idx, k_BGLDh, v_BGLDh)
+            k_BGSDh, v_BGSDh = k_BGSDh.to(q_BHLDh.dtype), v_BGSDh.to(q_BHLDh.dtype)
+            out_BHLDh = F.scaled_dot_product_attention(
+                q_BHLDh, k_BGSDh, v_BGSDh, attn_mask=attn_mask_B1LS, enable_gqa=gqa
+            )
         return self.o_proj(out_BHLDh.transpose(1, 2).reshape(batch, length, -1))
 
 
@@ -90,9 +107,11 @@ class TransformerBlock(nn.Module):
             self.ffn = FeedForward(config.dim, config.ffn_hidden_dim, config.activation)
 
     def forward(
-        self, x_BLD: Tensor, rope: RotaryEmbedding, positions_L: Tensor, token_ids_BL: Tensor, padding_mask_BL: Tensor | None
+        self, x_BLD: Tensor, rope: RotaryEmbedding, positions: Tensor, token_ids_BL: Tensor,
+        padding_mask_BL: Tensor | None, cache: KVCache | None = None, layer_idx: int = 0,
+        attn_mask_B1LS: Tensor | None = None,
     ) -> tuple[Tensor, Routing | None]:
-        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), rope, positions_L)
+        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), rope, positions, cache, layer_idx, attn_mask_B1LS)
         h_BLD = self.ffn_norm(x_BLD)
         if isinstance(self.ffn, MoELayer):
             y_BLD, routing = self.ffn(h_BLD, token_ids=token_ids_BL, padding_mask=padding_mask_BL)
@@ -106,6 +125,14 @@ class MoETransformer(nn.Module):
     Every MoE block passes ``input_ids`` to its router as token ids, so token-id routers such as
     :class:`HashRouter` work without extra wiring.
 
+    For incremental decoding pass a :class:`KVCache` (see :func:`moe_lightning.inference.generate`). Routing stays
+    per token only where the router's eval-mode decision is: top-k, hash, attention-based and (in eval mode)
+    Sinkhorn routers are; expert choice and capacity-limited top-k look at the whole batch.
+
+    ``router_spec`` holds the router factory as data (``class_path`` and ``init_args``) when it is a
+    :class:`Router` class or a ``functools.partial`` of one (as LightningCLI builds it), else None; exports
+    write it beside the weights.
+
     Args:
         config: sizes, see :class:`MoETransformerConfig`.
         router: how to build each MoE block's router from ``(dim, num_experts)``; default top-2 softmax routing.
@@ -115,6 +142,7 @@ class MoETransformer(nn.Module):
         super().__init__()
         self.config = config = config or MoETransformerConfig()
         router = router or TopKRouter
+        self.router_spec = router_spec(router)
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
         self.blocks = nn.ModuleList(TransformerBlock(config, i, router) for i in range(config.num_layers))
@@ -133,16 +161,40 @@ class MoETransformer(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [block.ffn for block in self.blocks if isinstance(block.ffn, MoELayer)]
 
-    def forward(self, input_ids: Tensor, padding_mask: Tensor | None = None) -> MoEModelOutput:
-        """``input_ids`` ``[B, L]``; ``padding_mask`` ``[B, L]`` True for real tokens (kept out of balance losses)."""
+    def forward(
+        self, input_ids: Tensor, padding_mask: Tensor | None = None, cache: KVCache | None = None,
+        positions: Tensor | None = None,
+    ) -> MoEModelOutput:
+        """Logits and routings of ``input_ids`` ``[B, L]``.
+
+        Args:
+            input_ids: token ids ``[B, L]``.
+            padding_mask: ``[B, L]``, True for real tokens. Without a cache it only keeps padding out of the balance
+                losses; with one, padded tokens are also masked as attention keys and skipped when counting positions.
+            cache: a :class:`KVCache`; the tokens are appended to it and attend to everything it already holds.
+            positions: rotary positions ``[L]`` or ``[B, L]``. Default: ``0..L-1`` without a cache; with one, each
+                token's count of real tokens before it in its row.
+        """
         length = input_ids.shape[-1]
-        if length > self.config.max_seq_len:
+        if positions is not None and positions.shape not in ((length,), tuple(input_ids.shape)):
+            raise ValueError(
+                f"positions must have shape ({length},) or {tuple(input_ids.shape)}, got {tuple(positions.shape)}"
+            )
+        attn_mask_B1LS = None
+        if cache is not None:
+            mask_BL = torch.ones_like(input_ids, dtype=torch.bool) if padding_mask is None else padding_mask
+            cache_positions_BL, attn_mask_B1LS = cache.extend(mask_BL)
+            positions = cache_positions_BL if positions is None else positions
+        elif length > self.config.max_seq_len:
             raise ValueError(f"sequence length {length} exceeds max_seq_len={self.config.max_seq_len}")
-        positions_L = torch.arange(length, device=input_ids.device)
+        if positions is None:
+            positions = torch.arange(length, device=input_ids.device)
         x_BLD = self.embed(input_ids)
         routings = []
-        for block in self.blocks:
-            x_BLD, routing = block(x_BLD, self.rope, positions_L, input_ids, padding_mask)
+        for layer_idx, block in enumerate(self.blocks):
+            x_BLD, routing = block(
+                x_BLD, self.rope, positions, input_ids, padding_mask, cache, layer_idx, attn_mask_B1LS
+            )
             if routing is not None:
                 routings.append(routing)
         return MoEModelOutput(self.head(self.norm(x_BLD)), routings)

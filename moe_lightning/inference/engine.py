@@ -1,0 +1,55 @@
+"""InferenceEngine: a trained :class:`MoETransformer` loaded without unpickling code, ready to generate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_lightning.inference.export import load_safetensors
+from moe_lightning.inference.generate import Prompts, check_per_token_routing, generate
+from moe_lightning.inference.lightning_checkpoint import load_lightning_checkpoint
+from moe_lightning.models import MoETransformer
+
+
+class InferenceEngine:
+    """Holds one model in eval mode and generates from it (see :func:`generate` for the sampling arguments)."""
+
+    def __init__(self, model: MoETransformer) -> None:
+        check_per_token_routing(model)
+        self.model = model.eval()
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, config: str | Path | None = None,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+    ) -> InferenceEngine:
+        """Load a trained model.
+
+        Args:
+            path: a ``.safetensors`` file written by :func:`export_safetensors` (self-describing; preferred), or a
+                Lightning ``.ckpt`` of ``MoELightningModule`` training, whose architecture comes from the run's
+                LightningCLI ``config.yaml`` (see :func:`load_lightning_checkpoint`).
+            config: the run's ``config.yaml`` for a ``.ckpt`` found elsewhere than in LightningCLI's layout.
+            device, dtype: where and in which floating dtype to run; default: the CPU and the saved dtype.
+        """
+        path = Path(path)
+        if path.is_dir():
+            raise ValueError(
+                f"{path} is a directory (an expert-parallel checkpoint?): consolidate it into one .ckpt with "
+                "moe_lightning.checkpoint.export_consolidated, or export the trained model with export_safetensors"
+            )
+        if path.suffix == ".safetensors":
+            if config is not None:
+                raise ValueError(f"config={config} is for .ckpt files; {path} carries its own architecture")
+            model = load_safetensors(path)
+        elif path.suffix == ".ckpt":
+            model = load_lightning_checkpoint(path, config)
+        else:
+            raise ValueError(f"checkpoint {path} must be a .safetensors export or a Lightning .ckpt file")
+        return cls(model.to(device=device, dtype=dtype))
+
+    def generate(self, prompts: Prompts, max_new_tokens: int, **sampling: Any) -> list[list[int]]:
+        """New tokens per prompt; ``sampling`` are :func:`generate`'s keyword arguments."""
+        return generate(self.model, prompts, max_new_tokens, **sampling)
