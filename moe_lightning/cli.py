@@ -115,8 +115,33 @@ def report_main(args: list[str]) -> None:
     print(f"report: {build_report(options.run_dir, options.out)}")
 
 
+def dashboard_main(args: list[str]) -> None:
+    """``moe-lightning dashboard RUN_DIR [--host H] [--port P]``: a live web view of a run's router statistics."""
+    parser = argparse.ArgumentParser(prog="moe-lightning dashboard", description=dashboard_main.__doc__)
+    parser.add_argument("run_dir", help="where router_stats.jsonl is or will be written (searched recursively)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    parser.add_argument("--port", type=int, default=8008, help="port to serve on (default: 8008)")
+    options = parser.parse_args(args)
+    if not 0 < options.port < 65536:
+        parser.error(f"--port must be in 1..65535, got --port {options.port}")
+    try:  # FastAPI and uvicorn only for this subcommand
+        import uvicorn
+
+        from moe_lightning.dashboard.app import create_app
+    except ModuleNotFoundError as error:
+        parser.error(f"{error.name} is missing: pip install 'moe-lightning[dashboard]'")
+    try:
+        app = create_app(options.run_dir)
+    except ValueError as error:
+        parser.error(str(error))
+    print(f"dashboard: http://{options.host}:{options.port}/ over {options.run_dir}", flush=True)
+    uvicorn.run(app, host=options.host, port=options.port, log_level="warning")
+
+
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["report"]:
         return report_main(argv[1:])
+    if argv[:1] == ["dashboard"]:
+        return dashboard_main(argv[1:])
     MoELightningCLI(args=args)

@@ -24,8 +24,13 @@ def find_one(run_dir: Path, pattern: str) -> Path | None:
     return matches[-1] if matches else None
 
 
+def parse_records(text: str) -> list[dict]:
+    """The records in a run of complete ``router_stats.jsonl`` lines (the live dashboard feeds it appended text)."""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 def read_records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return parse_records(path.read_text())
 
 
 def top_tokens_from_traces(traces: dict[str, np.ndarray], n: int = TOP_TOKENS) -> dict[int, list[list[int]]]:

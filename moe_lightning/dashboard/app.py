@@ -1,0 +1,93 @@
+"""The dashboard's FastAPI app: one page, its static JS, a JSON API and a WebSocket that pushes new records."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from fastapi import FastAPI, HTTPException, WebSocket, WebSocketDisconnect
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+
+from moe_lightning.dashboard.tail import StatsTail
+from moe_lightning.dashboard.views import UnknownLayerError, in_step_range, layer_series, slim
+
+STATIC = Path(__file__).parent / "static"
+
+
+def create_app(run_dir: str | Path, poll_seconds: float = 0.5) -> FastAPI:
+    """The app over ``run_dir``; raises ``ValueError`` naming it when it is not a directory.
+
+    Every request and every open WebSocket polls the file (a few bytes when nothing changed), so no background
+    task outlives the server.
+    """
+    if poll_seconds <= 0:
+        raise ValueError(f"poll_seconds must be > 0, got poll_seconds={poll_seconds}")
+    tail = StatsTail(run_dir)
+    app = FastAPI(title="moe-lightning router dashboard")
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        return (STATIC / "index.html").read_text()
+
+    @app.get("/api/status")
+    def status() -> dict:
+        tail.poll()
+        return {
+            "run_dir": str(tail.run_dir),
+            "stats_file": None if tail.path is None else str(tail.path),
+            "records": len(tail.records),
+            "layers": len(tail.records[0]["layers"]) if tail.records else 0,
+        }
+
+    @app.get("/api/records")
+    def records(start: int | None = None, end: int | None = None) -> list[dict]:
+        tail.poll()
+        try:
+            return [slim(r) for r in in_step_range(tail.records, start, end)]
+        except ValueError as error:
+            raise HTTPException(400, str(error)) from error
+
+    @app.get("/api/layers/{layer}")
+    def layer(layer: int, start: int | None = None, end: int | None = None) -> dict:
+        tail.poll()
+        try:
+            return layer_series(tail.records, layer, start, end)
+        except UnknownLayerError as error:
+            raise HTTPException(404, str(error)) from error
+        except ValueError as error:
+            raise HTTPException(400, str(error)) from error
+
+    @app.websocket("/ws")
+    async def stream(websocket: WebSocket) -> None:
+        """Sends ``{reset, run_dir, stats_file, records}``: every record first (again after the file restarts), then
+        each batch of new ones."""
+        await websocket.accept()
+        closed = asyncio.ensure_future(_until_disconnect(websocket))
+        generation, sent = None, 0
+        try:
+            while not closed.done():
+                tail.poll()
+                reset = generation != tail.generation
+                if reset:
+                    generation, sent = tail.generation, 0
+                if reset or sent < len(tail.records):
+                    new = tail.records[sent:]
+                    stats_file = None if tail.path is None else str(tail.path)
+                    await websocket.send_json({"reset": reset, "run_dir": str(tail.run_dir), "stats_file": stats_file,
+                                               "records": [slim(r) for r in new]})
+                    sent += len(new)
+                await asyncio.wait([closed], timeout=poll_seconds)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            closed.cancel()
+
+    return app
+
+
+async def _until_disconnect(websocket: WebSocket) -> None:
+    # The page sends nothing; reading is how a closed tab is noticed while no record arrives.
+    while (await websocket.receive())["type"] != "websocket.disconnect":
+        pass
