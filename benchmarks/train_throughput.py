@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/train_throughput.py [--layers 8] [--batch 8] [--seq 2048]
 
 Both models: d 2048, 16 query heads and 4 KV heads of dim 128, 64 experts top-8 of hidden 1024, vocab 32000,
-bf16 parameters and AdamW, the same batch of random tokens; ours adds its load-balancing loss, HF's router
+bf16 parameters and fused AdamW, the same batch of random tokens; ours adds its load-balancing loss, HF's router
 loss is off (its default). Each model runs alone on the card (the other is freed first), so peak memory is its own.
 
 MFU = tokens/s x FLOPs per token / the card's dense bf16 peak (989 TFLOP/s on H100 and H200), where
@@ -71,7 +71,7 @@ def huggingface(layers: int, seq: int, implementation: str) -> tuple[torch.nn.Mo
 def measure(build: Callable, batch: int, seq: int) -> tuple[float, float]:
     model, loss_fn = build()
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     tokens = torch.randint(0, VOCAB, (batch, seq + 1), device="cuda")
     input_ids, labels = tokens[:, :-1], tokens[:, 1:]
 
@@ -92,7 +92,7 @@ def profile_ours(layers: int, batch: int, seq: int, rows: int = 30) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     model, loss_fn = ours(layers, seq)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     tokens = torch.randint(0, VOCAB, (batch, seq + 1), device="cuda")
 
     def step():
