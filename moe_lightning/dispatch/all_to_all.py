@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.nn.functional import all_to_all_single as differentiable_all_to_all_single
 
-from moe_lightning.dispatch.local import DispatchState, LocalDispatcher
+from moe_lightning.dispatch.local import DispatchState, FixedKDispatchState, LocalDispatcher
 from moe_lightning.routing.base import Routing
 
 
@@ -21,7 +21,7 @@ from moe_lightning.routing.base import Routing
 class AllToAllState:
     """What :meth:`AllToAllDispatcher.combine` needs to undo :meth:`AllToAllDispatcher.dispatch`."""
 
-    local: DispatchState
+    local: DispatchState | FixedKDispatchState
     """The local sort of this rank's rows (by global expert), undone last."""
     send_splits_P: list[int]
     """Rows this rank sent to each expert-parallel rank."""
