@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
+from moe_lightning.analytics.load import max_mean_imbalance
 from moe_lightning.routing import Router, Routing
 
 IGNORE_INDEX = -100
@@ -200,8 +201,7 @@ def layer_stats(routings: list[Routing]) -> dict[str, Tensor]:
     """Per MoE layer: each weighted aux loss, load imbalance max/mean and the dropped-row fraction."""
     stats = {}
     for layer, routing in enumerate(routings):
-        load_E = routing.tokens_per_expert_E.float()
-        stats[f"moe/layer{layer}/imbalance"] = load_E.max() / load_E.mean().clamp_min(1e-9)
+        stats[f"moe/layer{layer}/imbalance"] = max_mean_imbalance(routing.tokens_per_expert_E).float()
         stats[f"moe/layer{layer}/dropped_fraction"] = routing.dropped_fraction
         for name, value in routing.aux_losses.items():
             stats[f"moe/layer{layer}/{name}"] = value.detach()

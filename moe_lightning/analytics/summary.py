@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
 
+from moe_lightning.analytics.entropy import load_entropy
+from moe_lightning.analytics.load import load_share, max_mean_imbalance
 from moe_lightning.routing.base import Routing
 
 
@@ -35,21 +38,19 @@ def summarize_routings(routings: list[Routing]) -> list[LayerSummary]:
     summaries = []
     for layer, routing in enumerate(routings):
         load_E = routing.tokens_per_expert_E.double()
-        total = load_E.sum().clamp_min(1)
-        share_E = load_E / total
-        entropy = -(share_E[share_E > 0] * share_E[share_E > 0].log()).sum()
+        share_E = load_share(load_E)
         num_experts = routing.num_experts
         summaries.append(
             LayerSummary(
                 layer=layer,
                 num_experts=num_experts,
                 routed_rows=int(load_E.sum()),
-                imbalance=float(load_E.max() / load_E.mean().clamp_min(1e-9)),
+                imbalance=float(max_mean_imbalance(load_E)),
                 min_share=float(share_E.min()),
                 max_share=float(share_E.max()),
                 idle_experts=int((load_E == 0).sum()),
                 dropped_fraction=float(routing.dropped_fraction),
-                load_entropy=float(entropy / torch.log(torch.tensor(float(num_experts)))) if num_experts > 1 else 1.0,
+                load_entropy=float(load_entropy(load_E) / math.log(num_experts)) if num_experts > 1 else 1.0,
             )
         )
     return summaries
