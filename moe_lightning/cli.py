@@ -138,10 +138,55 @@ def dashboard_main(args: list[str]) -> None:
     uvicorn.run(app, host=options.host, port=options.port, log_level="warning")
 
 
+def export_main(args: list[str]) -> None:
+    """``moe-lightning export CHECKPOINT OUT [--config config.yaml]``: a trained ``.ckpt`` as one self-describing
+    safetensors file (weights, model config and router spec; loads without unpickling)."""
+    parser = argparse.ArgumentParser(prog="moe-lightning export", description=export_main.__doc__)
+    parser.add_argument("checkpoint", help="a Lightning .ckpt of MoELightningModule training")
+    parser.add_argument("out", help="the .safetensors file to write")
+    parser.add_argument("--config", default=None, help="the run's config.yaml (default: found beside the checkpoint)")
+    options = parser.parse_args(args)
+    from moe_lightning.inference import export_safetensors, load_lightning_checkpoint
+
+    try:
+        export_safetensors(load_lightning_checkpoint(options.checkpoint, options.config), options.out)
+    except ValueError as error:
+        parser.error(str(error))
+    print(f"exported: {options.out}")
+
+
+def generate_main(args: list[str]) -> None:
+    """``moe-lightning generate CHECKPOINT (--prompt TEXT | --prompt-ids 1,2,3) [sampling options]``."""
+    parser = argparse.ArgumentParser(prog="moe-lightning generate", description=generate_main.__doc__)
+    parser.add_argument("checkpoint", help="a .safetensors export or a Lightning .ckpt")
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="text, fed as its UTF-8 bytes (for byte-level models such as configs/tiny.yaml)")
+    prompt.add_argument("--prompt-ids", help="comma-separated token ids")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    options = parser.parse_args(args)
+    from moe_lightning.inference import InferenceEngine
+
+    try:
+        ids = list(options.prompt.encode()) if options.prompt is not None else [int(t) for t in options.prompt_ids.split(",")]
+        engine = InferenceEngine.from_checkpoint(options.checkpoint)
+        (new_ids,) = engine.generate(
+            [ids], options.max_new_tokens, temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
+            seed=options.seed,
+        )
+    except ValueError as error:
+        parser.error(str(error))
+    print(options.prompt + bytes(new_ids).decode(errors="replace") if options.prompt is not None else new_ids)
+
+
+SUBCOMMANDS = {"report": report_main, "dashboard": dashboard_main, "export": export_main, "generate": generate_main}
+
+
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
-    if argv[:1] == ["report"]:
-        return report_main(argv[1:])
-    if argv[:1] == ["dashboard"]:
-        return dashboard_main(argv[1:])
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]](argv[1:])
     MoELightningCLI(args=args)
