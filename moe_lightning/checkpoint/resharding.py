@@ -21,7 +21,7 @@ def load_for_rank(path: str | Path, ep_rank: int, ep_size: int, own_info: dict[s
         checkpoint, experts = load_sharded(path, ep_rank, ep_size)
         info = checkpoint.pop(INFO_KEY)
     else:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         info = checkpoint.pop(INFO_KEY, None) or own_info
         full = split_expert_tensors(checkpoint, info["expert_names"], info["optimizer_param_names"])
         experts = {key: local_slice(value, ep_rank, ep_size, key) for key, value in full.items()}

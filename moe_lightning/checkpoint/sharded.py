@@ -107,7 +107,7 @@ def prepare_directory(path: Path) -> None:
 def load_sharded(path: Path, ep_rank: int, ep_size: int) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Read a sharded checkpoint for rank ``ep_rank`` of ``ep_size``: the dict without experts, and this rank's
     slice of every expert tensor (``ep_size=1`` consolidates). Refuses incomplete or ambiguous shard sets."""
-    checkpoint = torch.load(path / META_FILE, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(path / META_FILE, map_location="cpu", weights_only=True)
     info = checkpoint[INFO_KEY]
     shards = _check_shards(path, info["ep_size"], info["expert_keys"])
     experts = {key: _read_rows(shards, key, ep_rank, ep_size) for key in info["expert_keys"]}
