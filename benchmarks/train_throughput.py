@@ -68,21 +68,26 @@ def huggingface(layers: int, seq: int, implementation: str) -> tuple[torch.nn.Mo
     return model, loss_fn
 
 
-def measure(build: Callable, batch: int, seq: int) -> tuple[float, float]:
-    model, loss_fn = build()
+def make_step(model: torch.nn.Module, loss_fn: Callable, batch: int, seq: int) -> Callable[[], None]:
+    """One training step (forward, backward, fused AdamW) on a fixed batch of random tokens."""
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     tokens = torch.randint(0, VOCAB, (batch, seq + 1), device="cuda")
     input_ids, labels = tokens[:, :-1], tokens[:, 1:]
 
-    def step():
+    def step() -> None:
         loss_fn(input_ids, labels).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return step
+
+
+def measure(build: Callable, batch: int, seq: int) -> tuple[float, float]:
+    step = make_step(*build(), batch, seq)
     ms = median_ms(step, warmup=3, reps=6)
     peak = peak_memory_gib(step)
-    del model, optimizer, loss_fn
+    del step  # frees the model and its optimizer before the next peer is built
     gc.collect()
     torch.cuda.empty_cache()
     return batch * seq / (ms * 1e-3), peak
@@ -91,15 +96,7 @@ def measure(build: Callable, batch: int, seq: int) -> tuple[float, float]:
 def profile_ours(layers: int, batch: int, seq: int, rows: int = 30) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    model, loss_fn = ours(layers, seq)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    tokens = torch.randint(0, VOCAB, (batch, seq + 1), device="cuda")
-
-    def step():
-        loss_fn(tokens[:, :-1], tokens[:, 1:]).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = make_step(*ours(layers, seq), batch, seq)
     for _ in range(3):
         step()
     torch.cuda.synchronize()

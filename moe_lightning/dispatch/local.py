@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from moe_lightning.dispatch.permute import inverse_permutation, replicate_and_permute, weighted_unpermute
@@ -46,6 +45,10 @@ class LocalDispatcher:
 
     Expert-parallel dispatchers implement the same two methods, so :class:`MoELayer` never knows
     whether its experts are local or spread over ranks.
+
+    Args:
+        allow_fixed_k: take the fast path where the routing allows it; ``False`` always takes the general path,
+            the reference the fast path is tested against.
     """
 
     def __init__(self, allow_fixed_k: bool = True) -> None:

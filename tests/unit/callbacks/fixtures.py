@@ -1,6 +1,5 @@
 """A tiny MoE model, labelled batches and a logger that remembers, for short CPU Trainer runs."""
 
-import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
