@@ -2,11 +2,11 @@
 
 from moe_lightning.inference.engine import InferenceEngine
 from moe_lightning.inference.export import export_safetensors, load_safetensors
-from moe_lightning.inference.generate import check_per_token_routing, generate
+from moe_lightning.inference.generate import check_per_token_routing, generate, stream_generate
 from moe_lightning.inference.lightning_checkpoint import load_lightning_checkpoint
 from moe_lightning.inference.sampling import next_tokens
 
 __all__ = [
     "InferenceEngine", "check_per_token_routing", "export_safetensors", "generate", "load_lightning_checkpoint",
-    "load_safetensors", "next_tokens",
+    "load_safetensors", "next_tokens", "stream_generate",
 ]

@@ -25,7 +25,6 @@ from moe_lightning.routing import ExpertChoiceRouter, TopKRouter
 Prompts = Tensor | Sequence[Sequence[int]]
 
 
-@torch.no_grad()
 def generate(
     model: MoETransformer,
     prompts: Prompts,
@@ -50,9 +49,44 @@ def generate(
         seed: seeds the sampling generator, so the same call draws the same tokens; None uses torch's global RNG.
         pad_token_id: the id filling the left padding (it never reaches attention).
     """
+    rows: list[list[int]] = []
+    for step_tokens in stream_generate(
+        model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, pad_token_id
+    ):
+        rows = rows or [[] for _ in step_tokens]
+        for row, token in zip(rows, step_tokens):
+            if token is not None:
+                row.append(token)
+    return rows
+
+
+def stream_generate(
+    model: MoETransformer,
+    prompts: Prompts,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: Sequence[int] = (),
+    seed: int | None = None,
+    pad_token_id: int = 0,
+) -> Iterator[list[int | None]]:
+    """:func:`generate` one step at a time: per step, each prompt's new token, or None once the prompt has stopped.
+
+    Takes :func:`generate`'s arguments. The iteration ends when every row has stopped or after
+    ``max_new_tokens`` steps; a consumer that stops iterating early stops the decoding.
+    """
     rows = _prompt_rows(prompts)
     _check_arguments(model, rows, max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_token_id)
     check_per_token_routing(model)
+    return _decode(model, rows, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, pad_token_id)
+
+
+@torch.no_grad()
+def _decode(
+    model: MoETransformer, rows: list[list[int]], max_new_tokens: int, temperature: float, top_k: int | None,
+    top_p: float | None, stop_tokens: Sequence[int], seed: int | None, pad_token_id: int,
+) -> Iterator[list[int | None]]:
     device = model.embed.weight.device
     longest = max(len(row) for row in rows)
     ids_BP = torch.tensor([[pad_token_id] * (longest - len(row)) + row for row in rows], device=device)
@@ -61,19 +95,18 @@ def generate(
     stop_S = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
 
     cache = KVCache.for_model(model, len(rows), longest + max_new_tokens)
-    new_tokens: list[Tensor] = []
     done_B = torch.zeros(len(rows), dtype=torch.bool, device=device)
     with eval_mode(model):
         logits_BV = model(ids_BP, padding_mask=mask_BP, cache=cache).logits[:, -1]
         for step in range(max_new_tokens):
-            token_B = next_tokens(logits_BV, temperature, top_k, top_p, generator).masked_fill(done_B, pad_token_id)
-            new_tokens.append(token_B)
+            token_B = next_tokens(logits_BV, temperature, top_k, top_p, generator)
+            yield [None if done else token for token, done in zip(token_B.tolist(), done_B.tolist())]
             done_B = done_B | torch.isin(token_B, stop_S)
             if step == max_new_tokens - 1 or bool(done_B.all()):
-                break
-            # Finished rows keep stepping with their (ignored) pad token marked as padding.
+                return
+            # Finished rows keep stepping with a pad token marked as padding; their output is never used.
+            token_B = token_B.masked_fill(done_B, pad_token_id)
             logits_BV = model(token_B[:, None], padding_mask=~done_B[:, None], cache=cache).logits[:, -1]
-    return _trim_after_stop(torch.stack(new_tokens, dim=1).tolist(), set(stop_tokens))
 
 
 def check_per_token_routing(model: nn.Module) -> None:
@@ -166,11 +199,3 @@ def _check_arguments(
     bad = [token for token in stop_tokens if not 0 <= token < vocab_size]
     if bad:
         raise ValueError(f"stop_tokens outside [0, vocab_size={vocab_size}): {bad}")
-
-
-def _trim_after_stop(rows: list[list[int]], stop_tokens: set[int]) -> list[list[int]]:
-    trimmed = []
-    for row in rows:
-        end = next((i + 1 for i, token in enumerate(row) if token in stop_tokens), len(row))
-        trimmed.append(row[:end])
-    return trimmed

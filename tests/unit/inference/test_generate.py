@@ -5,7 +5,7 @@ import functools
 import pytest
 import torch
 
-from moe_lightning.inference import generate
+from moe_lightning.inference import generate, stream_generate
 from moe_lightning.routing import ExpertChoiceRouter, HashRouter, SinkhornRouter, TopKRouter
 from tests.unit.inference.conftest import reference_greedy, tiny_model
 
@@ -75,6 +75,25 @@ def test_a_stop_token_ends_its_row_and_no_other(model):
 def test_all_rows_stopped_ends_early(model):
     first_tokens = {row[0] for row in generate(model, PROMPTS, max_new_tokens=1)}
     assert all(len(row) == 1 for row in generate(model, PROMPTS, max_new_tokens=10, stop_tokens=first_tokens))
+
+
+def test_streaming_yields_each_step_and_none_after_a_row_stops(model):
+    greedy = generate(model, PROMPTS, max_new_tokens=10)
+    stop = greedy[0][3]
+    steps = list(stream_generate(model, PROMPTS, max_new_tokens=10, stop_tokens=[stop]))
+    first_row = [step[0] for step in steps]
+    assert first_row[:4] == greedy[0][:4] and all(token is None for token in first_row[4:])
+    columns = [[token for token in row if token is not None] for row in zip(*steps)]
+    assert columns == generate(model, PROMPTS, max_new_tokens=10, stop_tokens=[stop])
+
+
+def test_closing_a_stream_early_restores_training_flags():
+    model = tiny_model().train()
+    stream = stream_generate(model, PROMPTS, max_new_tokens=10)
+    next(stream)
+    assert not model.training
+    stream.close()
+    assert model.training
 
 
 @pytest.mark.parametrize(
