@@ -17,9 +17,9 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from moe_lightning.inference.decoding import Decoder, EagerDecoder
 from moe_lightning.inference.sampling import next_tokens
 from moe_lightning.models import MoETransformer
-from moe_lightning.models.kv_cache import KVCache
 from moe_lightning.routing import ExpertChoiceRouter, TopKRouter
 
 Prompts = Tensor | Sequence[Sequence[int]]
@@ -35,6 +35,7 @@ def generate(
     stop_tokens: Sequence[int] = (),
     seed: int | None = None,
     pad_token_id: int = 0,
+    decoder: Decoder | None = None,
 ) -> list[list[int]]:
     """The new tokens of each prompt, in prompt order.
 
@@ -48,10 +49,12 @@ def generate(
         stop_tokens: a row ends after generating any of these; the stop token is the row's last token.
         seed: seeds the sampling generator, so the same call draws the same tokens; None uses torch's global RNG.
         pad_token_id: the id filling the left padding (it never reaches attention).
+        decoder: how to run the model (:class:`EagerDecoder` by default; :class:`CompiledDecoder` for static
+            shapes, ``torch.compile`` and CUDA graphs); it must be built for ``model``.
     """
     rows: list[list[int]] = []
     for step_tokens in stream_generate(
-        model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, pad_token_id
+        model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, pad_token_id, decoder
     ):
         rows = rows or [[] for _ in step_tokens]
         for row, token in zip(rows, step_tokens):
@@ -70,6 +73,7 @@ def stream_generate(
     stop_tokens: Sequence[int] = (),
     seed: int | None = None,
     pad_token_id: int = 0,
+    decoder: Decoder | None = None,
 ) -> Iterator[list[int | None]]:
     """:func:`generate` one step at a time: per step, each prompt's new token, or None once the prompt has stopped.
 
@@ -79,13 +83,17 @@ def stream_generate(
     rows = _prompt_rows(prompts)
     _check_arguments(model, rows, max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_token_id)
     check_per_token_routing(model)
-    return _decode(model, rows, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, pad_token_id)
+    if decoder is None:
+        decoder = EagerDecoder(model)
+    elif decoder.model is not model:
+        raise ValueError("the decoder was built for another model than the one passed to generate()")
+    return _decode(model, rows, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, pad_token_id, decoder)
 
 
 @torch.no_grad()
 def _decode(
     model: MoETransformer, rows: list[list[int]], max_new_tokens: int, temperature: float, top_k: int | None,
-    top_p: float | None, stop_tokens: Sequence[int], seed: int | None, pad_token_id: int,
+    top_p: float | None, stop_tokens: Sequence[int], seed: int | None, pad_token_id: int, decoder: Decoder,
 ) -> Iterator[list[int | None]]:
     device = model.embed.weight.device
     longest = max(len(row) for row in rows)
@@ -94,10 +102,10 @@ def _decode(
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     stop_S = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
 
-    cache = KVCache.for_model(model, len(rows), longest + max_new_tokens)
     done_B = torch.zeros(len(rows), dtype=torch.bool, device=device)
     with eval_mode(model):
-        logits_BV = model(ids_BP, padding_mask=mask_BP, cache=cache).logits[:, -1]
+        session = decoder.start(len(rows), longest + max_new_tokens)
+        logits_BV = session.prefill(ids_BP, mask_BP)
         for step in range(max_new_tokens):
             token_B = next_tokens(logits_BV, temperature, top_k, top_p, generator)
             yield [None if done else token for token, done in zip(token_B.tolist(), done_B.tolist())]
@@ -106,7 +114,7 @@ def _decode(
                 return
             # Finished rows keep stepping with a pad token marked as padding; their output is never used.
             token_B = token_B.masked_fill(done_B, pad_token_id)
-            logits_BV = model(token_B[:, None], padding_mask=~done_B[:, None], cache=cache).logits[:, -1]
+            logits_BV = session.step(token_B, ~done_B)
 
 
 def check_per_token_routing(model: nn.Module) -> None:

@@ -2,6 +2,8 @@
 
 from moe_lightning.models.config import PRESETS, MoETransformerConfig
 from moe_lightning.models.kv_cache import KVCache
+from moe_lightning.models.static_kv_cache import StaticKVCache
 from moe_lightning.models.transformer import MoEModelOutput, MoETransformer, RouterFactory
 
-__all__ = ["PRESETS", "KVCache", "MoEModelOutput", "MoETransformer", "MoETransformerConfig", "RouterFactory"]
+__all__ = ["PRESETS", "KVCache", "MoEModelOutput", "MoETransformer", "MoETransformerConfig", "RouterFactory",
+           "StaticKVCache"]

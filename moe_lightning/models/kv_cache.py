@@ -41,8 +41,7 @@ class KVCache:
         """True for slots holding a real (not padding) token."""
         self.num_real_B = torch.zeros(batch_size, dtype=torch.long, device=device)
         """Real tokens seen so far per row: the rotary position of the row's next real token."""
-        self.length = 0
-        """Slots filled so far (the same for every row)."""
+        self._length = 0
         self._start = 0
 
     @classmethod
@@ -64,6 +63,11 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.key_mask_BS.shape[1]
+
+    @property
+    def length(self) -> int:
+        """Slots filled so far (the same for every row)."""
+        return self._length
 
     def extend(self, padding_mask_BL: Tensor) -> tuple[Tensor, Tensor]:
         """Reserve the next ``L`` slots of every row for one forward call.
@@ -89,7 +93,7 @@ class KVCache:
         causal_LS = slots_S[None, :] <= query_slots_L[:, None]
         own_LS = slots_S[None, :] == query_slots_L[:, None]
         attn_mask_BLS = (self.key_mask_BS[:, None, :end] & causal_LS) | own_LS
-        self._start, self.length = start, end
+        self._start, self._length = start, end
         return positions_BL, attn_mask_BLS[:, None]
 
     def update(self, layer_idx: int, k_BGLDh: Tensor, v_BGLDh: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,68 @@
+"""StaticKVCache: a :class:`KVCache` whose forward calls never change shape, for compiled and CUDA-graph decoding.
+
+:class:`KVCache` slices its buffers to the slots filled so far, so every decode step has a new attention shape
+and reads its position from a Python int. Here the next slot lives in a device tensor, keys and values are
+written with ``index_copy_`` and attention always spans all S slots (unfilled ones are masked). A decode step
+therefore has the same shapes and tensor addresses every time: it compiles once and replays as one CUDA graph.
+The price is attention over all S slots at every step, which is small next to the expert weights a step reads.
+
+Shape legend: B batch, G key/value heads, S cache slots (``max_len``), Dh head dim, L tokens of one forward call.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moe_lightning.models.kv_cache import KVCache
+
+
+class StaticKVCache(KVCache):
+    """A :class:`KVCache` with device-side slot bookkeeping and full-length attention (same arguments).
+
+    Unlike :class:`KVCache`, :meth:`extend` does not check that the tokens fit: the check would have to read the
+    device-side slot counter on the host, which a captured step cannot do. Whoever drives the cache sizes it for
+    the whole generation first (as :class:`moe_lightning.inference.CompiledDecoder` does).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        device = self.key_mask_BS.device
+        self.next_slot = torch.zeros((), dtype=torch.long, device=device)
+        """The first free slot, on the device (``length``'s device-side twin)."""
+        self._slots_L = torch.zeros(0, dtype=torch.long, device=device)
+        self._slots_S = torch.arange(self.max_len, device=device)
+
+    def reset(self) -> None:
+        """Forget every token (buffers keep their addresses, so captured graphs stay valid)."""
+        self.key_mask_BS.zero_()
+        self.num_real_B.zero_()
+        self.next_slot.zero_()
+
+    @property
+    def length(self) -> int:
+        """Slots filled so far (reads the device counter: host code only)."""
+        return int(self.next_slot)
+
+    def extend(self, padding_mask_BL: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`KVCache.extend`, except that the mask spans all S slots (``attn_mask_B1LS`` has S columns)."""
+        batch, length = padding_mask_BL.shape
+        if batch != self.batch_size:
+            raise ValueError(f"the cache holds batch_size={self.batch_size} rows, got a batch of {batch}")
+        mask_BL = padding_mask_BL.to(device=self.key_mask_BS.device, dtype=torch.bool)
+        slots_L = self.next_slot + torch.arange(length, device=mask_BL.device)
+        self.key_mask_BS.index_copy_(1, slots_L, mask_BL)
+        positions_BL = (self.num_real_B[:, None] + mask_BL.long().cumsum(dim=1) - 1).clamp_min(0)
+        self.num_real_B.add_(mask_BL.sum(dim=1))
+        causal_LS = self._slots_S[None, :] <= slots_L[:, None]
+        own_LS = self._slots_S[None, :] == slots_L[:, None]
+        attn_mask_BLS = (self.key_mask_BS[:, None, :] & causal_LS) | own_LS
+        self.next_slot.add_(length)
+        self._slots_L = slots_L
+        return positions_BL, attn_mask_BLS[:, None]
+
+    def update(self, layer_idx: int, k_BGLDh: Tensor, v_BGLDh: Tensor) -> tuple[Tensor, Tensor]:
+        """Store one layer's keys and values at the slots of the last :meth:`extend`; return all S slots."""
+        self.k_BGSDh[layer_idx].index_copy_(2, self._slots_L, k_BGLDh.to(self.k_BGSDh[layer_idx].dtype))
+        self.v_BGSDh[layer_idx].index_copy_(2, self._slots_L, v_BGLDh.to(self.v_BGSDh[layer_idx].dtype))
+        return self.k_BGSDh[layer_idx], self.v_BGSDh[layer_idx]
