@@ -2,7 +2,9 @@
 a learned router and with the router frozen at its (identical, seeded) random initialisation, and prints per layer the
 normalised mutual information between task id and top-1 expert on the held-out split.
 
-    .venv/bin/python examples/router_specialisation.py [--max_steps 600]
+    .venv/bin/python examples/router_specialisation.py [--max_steps 600] [LightningCLI arguments...]
+
+Further arguments go to both runs' LightningCLI, e.g. ``--model.init_args.router_lr=0.03``.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ QUIET = [
 ]
 
 
-def train(max_steps: int, frozen_router: bool) -> MoELightningCLI:
-    cli = MoELightningCLI(run=False, args=["--config", str(CONFIG), f"--trainer.max_steps={max_steps}", *QUIET],
-                          save_config_kwargs={"overwrite": True})
+def train(max_steps: int, frozen_router: bool, cli_args: list[str]) -> MoELightningCLI:
+    args = ["--config", str(CONFIG), f"--trainer.max_steps={max_steps}", *QUIET, *cli_args]
+    cli = MoELightningCLI(run=False, args=args, save_config_kwargs={"overwrite": True})
     if frozen_router:
         for layer in cli.model.model.moe_layers:
             layer.router.requires_grad_(False)
@@ -49,11 +51,11 @@ def held_out_nmi(cli: MoELightningCLI) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max_steps", type=int, default=600, help="training steps of each run (the recipe's 600)")
-    options = parser.parse_args()
+    options, cli_args = parser.parse_known_args()
     results = {}
     for name, frozen in (("learned router", False), ("frozen random router", True)):
         started = time.perf_counter()
-        results[name] = held_out_nmi(train(options.max_steps, frozen))
+        results[name] = held_out_nmi(train(options.max_steps, frozen, cli_args))
         print(f"{name}: {options.max_steps} steps in {time.perf_counter() - started:.0f} s")
     layers = len(next(iter(results.values())))
     print(f"\nNMI(task id; top-1 expert), held-out split, after {options.max_steps} steps")
