@@ -182,7 +182,24 @@ def generate_main(args: list[str]) -> None:
     print(options.prompt + bytes(new_ids).decode(errors="replace") if options.prompt is not None else new_ids)
 
 
-SUBCOMMANDS = {"report": report_main, "dashboard": dashboard_main, "export": export_main, "generate": generate_main}
+def quantize_main(args: list[str]) -> None:
+    """``moe-lightning quantize CHECKPOINT --mode nf4 --output OUT.safetensors`` (see ``--help``)."""
+    from moe_lightning.inference.quantize_cli import quantize_main as run
+
+    run(args)
+
+
+def serve_main(args: list[str]) -> None:
+    """``moe-lightning serve --checkpoint CHECKPOINT`` (see ``--help``)."""
+    from moe_lightning.serving.cli import serve_main as run
+
+    run(args)
+
+
+SUBCOMMANDS = {
+    "report": report_main, "dashboard": dashboard_main, "export": export_main, "generate": generate_main,
+    "quantize": quantize_main, "serve": serve_main,
+}
 
 
 def main(args: list[str] | None = None) -> None:

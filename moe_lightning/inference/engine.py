@@ -10,6 +10,7 @@ import torch
 from moe_lightning.inference.export import load_safetensors
 from moe_lightning.inference.generate import Prompts, check_per_token_routing, generate
 from moe_lightning.inference.lightning_checkpoint import load_lightning_checkpoint
+from moe_lightning.inference.quantized_export import is_quantized_file, load_quantized
 from moe_lightning.models import MoETransformer
 
 
@@ -28,7 +29,8 @@ class InferenceEngine:
         """Load a trained model.
 
         Args:
-            path: a ``.safetensors`` file written by :func:`export_safetensors` (self-describing; preferred), or a
+            path: a ``.safetensors`` file written by :func:`export_safetensors` or :func:`save_quantized`
+                (self-describing; preferred), or a
                 Lightning ``.ckpt`` of ``MoELightningModule`` training, whose architecture comes from the run's
                 LightningCLI ``config.yaml`` (see :func:`load_lightning_checkpoint`).
             config: the run's ``config.yaml`` for a ``.ckpt`` found elsewhere than in LightningCLI's layout.
@@ -43,7 +45,7 @@ class InferenceEngine:
         if path.suffix == ".safetensors":
             if config is not None:
                 raise ValueError(f"config={config} is for .ckpt files; {path} carries its own architecture")
-            model = load_safetensors(path)
+            model = load_quantized(path) if is_quantized_file(path) else load_safetensors(path)
         elif path.suffix == ".ckpt":
             model = load_lightning_checkpoint(path, config)
         else:

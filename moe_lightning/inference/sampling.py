@@ -23,7 +23,9 @@ def next_tokens(
     """
     if temperature == 0:
         return logits_BV.argmax(dim=-1)
-    logits_BV = logits_BV.float() / temperature
+    # Shift so the best logit is 0 first: a tiny temperature then sends the others to -inf, never to inf or NaN.
+    logits_BV = logits_BV.float()
+    logits_BV = (logits_BV - logits_BV.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits_BV.shape[-1]:
         kth_best_B1 = logits_BV.topk(top_k, dim=-1).values[:, -1:]
         logits_BV = logits_BV.masked_fill(logits_BV < kth_best_B1, float("-inf"))
@@ -32,6 +34,7 @@ def next_tokens(
         probs_BV = sorted_BV.softmax(dim=-1)
         # Drop a token when the better tokens before it already reach top_p; the best one never goes.
         drop_sorted_BV = probs_BV.cumsum(dim=-1) - probs_BV >= top_p
+        drop_sorted_BV[:, 0] = False  # even when top_p rounds to 0 in float32
         drop_BV = torch.zeros_like(drop_sorted_BV).scatter(1, order_BV, drop_sorted_BV)
         logits_BV = logits_BV.masked_fill(drop_BV, float("-inf"))
     return torch.multinomial(logits_BV.softmax(dim=-1), 1, generator=generator).squeeze(1)

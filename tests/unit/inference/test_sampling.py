@@ -42,3 +42,9 @@ def test_low_temperature_concentrates_on_the_best_token():
     tokens = next_tokens(LOGITS, temperature=0.05, generator=torch.Generator().manual_seed(0))
     # p(best) = 1 / (1 + sum (p_i / p_best) ** 20), over 99.99 % here.
     assert (tokens == 1).float().mean() > 0.999
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=1e-40), dict(temperature=1.0, top_p=1e-50)])
+def test_extreme_settings_still_draw_the_best_token(kwargs):
+    # 1e-40 overflows logits / temperature; top_p=1e-50 rounds to 0 in float32. Both must stay greedy.
+    assert drawn(**kwargs) == {1}

@@ -1,0 +1,102 @@
+"""Quantise a model's experts (and optionally its dense linear layers) with bitsandbytes, and count the bytes saved.
+
+``quantize_model(model, "nf4")`` swaps every :class:`MoELayer`'s :class:`GroupedExperts` for
+:class:`QuantizedExperts`; with ``dense=True`` also every dense ``nn.Linear`` (attention projections, dense
+feed-forwards, shared experts) for :class:`QuantizedLinear`. Routers, norms, embeddings and the LM head are kept
+as they are: routing decisions are sensitive and cheap, and the head is tied to or as large as the embedding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from moe_lightning.experts.grouped import GroupedExperts
+from moe_lightning.experts.shared import SharedExperts
+from moe_lightning.inference.quantization_config import QuantizationConfig, as_config
+from moe_lightning.inference.quantized_experts import QuantizedExperts
+from moe_lightning.inference.quantized_linear import QuantizedLinear
+from moe_lightning.layer import MoELayer
+from moe_lightning.routing.base import Router
+
+LM_HEAD_NAMES = ("head", "lm_head")
+"""Attribute names of output heads, never quantised (nor is any linear layer sharing an embedding's weight)."""
+
+
+def quantize_model(
+    model: nn.Module, mode: str | QuantizationConfig = "nf4", dense: bool = False, **options: Any
+) -> nn.Module:
+    """Quantise ``model`` in place (on its device) and return it.
+
+    Args:
+        model: any module holding :class:`MoELayer` s, e.g. a :class:`MoETransformer` or a ``MoELightningModule``.
+        mode: ``"int8"``, ``"nf4"``, ``"fp4"``, or a :class:`QuantizationConfig`.
+        dense: also quantise the dense ``nn.Linear`` layers :func:`dense_linear_names` lists.
+        options: the other :class:`QuantizationConfig` fields: ``blocksize``, ``double_quant``, ``compute_dtype``
+            (4-bit), ``threshold`` (int8).
+    """
+    config = as_config(mode, options)
+    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, MoELayer)]
+    linears = dense_linear_names(model) if dense else []
+    if not layers and not linears:
+        raise ValueError(f"{type(model).__name__} has no MoELayer" + (" and no dense nn.Linear" if dense else "")
+                         + " to quantise")
+    for name, layer in layers:  # check every layer before changing any
+        if isinstance(layer.experts, QuantizedExperts):
+            raise ValueError(f"{name}.experts is already quantised (mode={layer.experts.config.mode!r})")
+        if not isinstance(layer.experts, GroupedExperts):
+            raise TypeError(
+                f"quantize_model quantises GroupedExperts, but {name}.experts is {type(layer.experts).__name__}"
+            )
+    for _, layer in layers:
+        layer.experts = QuantizedExperts.from_experts(layer.experts, config)
+    for name in linears:
+        model.set_submodule(name, QuantizedLinear.from_linear(model.get_submodule(name), config))
+    return model
+
+
+def dense_linear_names(model: nn.Module) -> list[str]:
+    """The ``nn.Linear`` layers ``quantize_model(dense=True)`` quantises: all but those inside a router, the shared
+    experts' gate, the LM head (``head`` / ``lm_head``) and any layer whose weight is an embedding's."""
+    kept_prefixes = []
+    for name, module in model.named_modules():
+        if isinstance(module, Router):
+            kept_prefixes.append(name)
+        elif isinstance(module, MoELayer):
+            kept_prefixes.append(_join(name, "router"))
+        elif isinstance(module, SharedExperts):
+            kept_prefixes.append(_join(name, "gate"))
+    embedding_weights = {id(module.weight) for module in model.modules() if isinstance(module, nn.Embedding)}
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or id(module.weight) in embedding_weights:
+            continue
+        if name.rpartition(".")[2] in LM_HEAD_NAMES:
+            continue
+        if any(name == prefix or name.startswith(prefix + ".") for prefix in kept_prefixes):
+            continue
+        names.append(name)
+    return names
+
+
+def quantized_modules(model: nn.Module) -> dict[str, QuantizedExperts | QuantizedLinear]:
+    """Every :class:`QuantizedExperts` and :class:`QuantizedLinear` of ``model`` by name."""
+    kinds = (QuantizedExperts, QuantizedLinear)
+    return {name: module for name, module in model.named_modules() if isinstance(module, kinds)}
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of ``module``'s weights as stored: its parameters and persistent buffers (for quantised modules the codes,
+    scales and code tables), a tensor shared by two names (a tied head) counted once."""
+    tensors = {id(t): t for t in module.state_dict(keep_vars=True).values()}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def expert_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the routed experts' weights of every :class:`MoELayer` in ``model`` (see :func:`weight_bytes`)."""
+    return sum(weight_bytes(module.experts) for module in model.modules() if isinstance(module, MoELayer))
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name

@@ -1,0 +1,119 @@
+"""A quantised :class:`MoETransformer` as one safetensors file, loaded back without pickle.
+
+The file is :func:`export_safetensors`' layout with the quantised state in place of the float weights it replaced
+(codes, scales and code tables as plain tensors) and one more JSON metadata entry: the
+:class:`QuantizationConfig` and which modules it was applied to. Loading builds the model from its config, puts
+empty quantised modules of the right shapes where the metadata says, and installs the tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from moe_lightning.experts.grouped import GroupedExperts
+from moe_lightning.inference.export import CONFIG_KEY, FORMAT, FORMAT_KEY, ROUTER_KEY, build_model, load_weights
+from moe_lightning.inference.quantization_config import QuantizationConfig
+from moe_lightning.inference.quantize import quantized_modules
+from moe_lightning.inference.quantized_experts import QuantizedExperts
+from moe_lightning.inference.quantized_linear import QuantizedLinear
+from moe_lightning.inference.quantized_matrices import import_bitsandbytes
+from moe_lightning.models import MoETransformer
+from moe_lightning.models.router_spec import router_factory_from_spec
+
+QUANTIZED_FORMAT = "moe_lightning.QuantizedMoETransformer/1"
+QUANTIZATION_KEY = "moe_lightning.quantization"
+KINDS = {"experts": QuantizedExperts, "linear": QuantizedLinear}
+"""How the metadata names each kind of quantised module."""
+
+
+def save_quantized(module_or_model: nn.Module, path: str | Path, router: dict[str, Any] | None = None) -> None:
+    """Write a model quantised by :func:`quantize_model` to one ``.safetensors`` file (tensors on the CPU).
+
+    Args:
+        module_or_model: a quantised :class:`MoETransformer`, or a module holding one as ``.model``.
+        path: the file to write.
+        router: the router spec, as for :func:`export_safetensors`.
+    """
+    model = getattr(module_or_model, "model", module_or_model)
+    if not isinstance(model, MoETransformer):
+        raise TypeError(
+            f"save_quantized needs a MoETransformer (or a module whose .model is one), got {type(model).__name__}"
+        )
+    modules = quantized_modules(model)
+    if not modules:
+        raise ValueError("the model holds no quantised module: run quantize_model first (or export_safetensors it)")
+    configs = {name: module.config for name, module in modules.items()}
+    config = next(iter(configs.values()))
+    differing = sorted(name for name, other in configs.items() if other != config)
+    if differing:
+        raise ValueError(f"one file holds one QuantizationConfig; {differing} differ from {config}")
+    spec = router or model.router_spec
+    if spec is None:
+        raise ValueError("the model's router factory cannot be written down as data: pass router={'class_path': ..., "
+                         "'init_args': {...}} to save_quantized")
+    router_factory_from_spec(spec)  # refuse a spec that would not load back
+    state = model.state_dict()
+    if model.config.tie_embeddings:
+        del state["head.weight"]  # the same storage as embed.weight; re-tied on load
+    quantization = {
+        "config": config.as_dict(),
+        "modules": {name: _kind(module) for name, module in modules.items()},
+        "bitsandbytes": import_bitsandbytes().__version__,
+    }
+    metadata = {
+        FORMAT_KEY: QUANTIZED_FORMAT,
+        CONFIG_KEY: json.dumps(dataclasses.asdict(model.config)),
+        ROUTER_KEY: json.dumps(spec),
+        QUANTIZATION_KEY: json.dumps(quantization),
+    }
+    save_file({key: value.detach().cpu().contiguous() for key, value in state.items()}, str(path), metadata=metadata)
+
+
+def load_quantized(path: str | Path) -> MoETransformer:
+    """The model :func:`save_quantized` wrote, on the CPU and in eval mode."""
+    metadata = _metadata(path)
+    if metadata.get(FORMAT_KEY) != QUANTIZED_FORMAT:
+        hint = ": it is a plain export, load it with load_safetensors" if metadata.get(FORMAT_KEY) == FORMAT else ""
+        raise ValueError(f"{path} is not a save_quantized file: its metadata has {FORMAT_KEY}="
+                         f"{metadata.get(FORMAT_KEY)!r}, expected {QUANTIZED_FORMAT!r}{hint}")
+    quantization = json.loads(metadata[QUANTIZATION_KEY])
+    config = QuantizationConfig.from_dict(quantization["config"])
+    model = build_model(json.loads(metadata[CONFIG_KEY]), json.loads(metadata[ROUTER_KEY]))
+    for name, kind in quantization["modules"].items():
+        if kind not in KINDS:
+            raise ValueError(
+                f"{path} names an unknown quantised module kind {kind!r} for {name}; known: {sorted(KINDS)}"
+            )
+        try:
+            original = model.get_submodule(name)
+        except AttributeError as error:
+            raise ValueError(f"{path} quantises {name}, which the model built from its config lacks") from error
+        expected = GroupedExperts if kind == "experts" else nn.Linear
+        if not isinstance(original, expected):
+            raise ValueError(f"{path} quantises {name} as {kind}, but the model's {name} is {type(original).__name__}")
+        model.set_submodule(name, KINDS[kind].empty_like(original, config))
+    load_weights(model, load_file(str(path)), str(path))
+    return model.eval()
+
+
+def is_quantized_file(path: str | Path) -> bool:
+    """Whether ``path`` is a :func:`save_quantized` file (reads only its metadata)."""
+    return _metadata(path).get(FORMAT_KEY) == QUANTIZED_FORMAT
+
+
+def _metadata(path: str | Path) -> dict[str, str]:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}
+
+
+def _kind(module: nn.Module) -> str:
+    return next(kind for kind, cls in KINDS.items() if isinstance(module, cls))
