@@ -1,0 +1,79 @@
+"""``moe-lightning serve``: load a checkpoint and serve it with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+import torch
+
+from moe_lightning.serving.settings import API_KEYS_ENV, ServerSettings, load_api_keys
+
+_DEFAULTS = {field.name: field.default for field in fields(ServerSettings)}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_LIMITS = ("max_prompt_tokens", "max_new_tokens", "max_prompts_per_request", "max_batch_size", "max_queue_size",
+           "batch_window_ms", "request_timeout_s", "max_body_bytes")
+_LIMIT_HELP = {
+    "max_prompt_tokens": "the most tokens in one prompt (413 beyond)",
+    "max_new_tokens": "the most new tokens a request may ask per prompt (422 beyond)",
+    "max_prompts_per_request": "the most prompts in one request (413 beyond)",
+    "max_batch_size": "the most prompts decoded together",
+    "max_queue_size": "the most requests waiting for the model (429 beyond)",
+    "batch_window_ms": "how long an idle model waits for more requests to batch",
+    "request_timeout_s": "seconds from a request's arrival to its last token (503 beyond)",
+    "max_body_bytes": "the largest request body (413 beyond)",
+}
+
+
+def serve_main(argv: list[str]) -> None:
+    """``moe-lightning serve --checkpoint PATH [--host H] [--port P] [limits]``: the REST/WebSocket/OpenAI-compatible
+    server of a trained model. API keys come from ``$MOE_LIGHTNING_API_KEYS`` (comma-separated) and --api-key-file."""
+    parser = _parser()
+    options = parser.parse_args(argv)
+    if not 0 < options.port < 65536:
+        parser.error(f"--port must be in 1..65535, got --port {options.port}")
+    try:
+        settings = ServerSettings(
+            api_keys=load_api_keys(options.api_key_file), insecure_no_auth=options.insecure_no_auth,
+            model_name=options.model_name,
+            **{name: getattr(options, name) for name in _LIMITS},
+        )
+    except ValueError as error:
+        parser.error(str(error))
+    import uvicorn  # the serve extra, only once the arguments are known to be good
+
+    from moe_lightning.inference import InferenceEngine
+    from moe_lightning.serving.app import create_app
+
+    try:
+        engine = InferenceEngine.from_checkpoint(options.checkpoint, options.config, options.device,
+                                                 DTYPES[options.dtype] if options.dtype else None)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    app = create_app(engine, settings)
+    auth = "WITHOUT authentication (--insecure-no-auth)" if settings.insecure_no_auth else (
+        f"{len(settings.api_keys)} API key(s)")
+    print(f"serving {options.checkpoint} as {settings.model_name!r} on http://{options.host}:{options.port} "
+          f"with {auth}", flush=True)
+    uvicorn.run(app, host=options.host, port=options.port, log_level=options.log_level)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe-lightning serve", description=serve_main.__doc__)
+    parser.add_argument("--checkpoint", required=True, help="a .safetensors export or a Lightning .ckpt")
+    parser.add_argument("--config", default=None, help="the run's config.yaml for a .ckpt (default: found beside it)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="port to serve on (default: 8000)")
+    parser.add_argument("--device", default=None, help="where to run the model, e.g. cuda:0 (default: cpu)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights dtype (default: as saved)")
+    parser.add_argument("--model-name", default=_DEFAULTS["model_name"],
+                        help=f"the model id of the OpenAI-compatible API (default: {_DEFAULTS['model_name']})")
+    parser.add_argument("--api-key-file", default=None,
+                        help=f"a file of API keys, one a line (added to ${API_KEYS_ENV}, comma-separated)")
+    parser.add_argument("--insecure-no-auth", action="store_true",
+                        help="serve without API keys: anyone who reaches the port can use the model")
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    for name in _LIMITS:
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(_DEFAULTS[name]), default=_DEFAULTS[name],
+                            help=f"{_LIMIT_HELP[name]} (default: {_DEFAULTS[name]})")
+    return parser
