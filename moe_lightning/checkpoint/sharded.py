@@ -4,7 +4,9 @@ A checkpoint is a directory:
 
 - ``meta.pt``: the ordinary Lightning checkpoint dict without the expert tensors (dense weights, dense
   optimizer state, loops, schedulers, hyper-parameters), plus ``"expert_parallel"`` saying which tensors
-  were taken out; written by global rank 0.
+  were taken out; written by global rank 0. Dense tensors are whole even when the run sharded them
+  (``dense_parallel="fully_shard"``: see :mod:`moe_lightning.checkpoint.dtensors`), so the format does not
+  depend on the dense layout.
 - ``experts-{p}-of-{P}.safetensors``: expert-parallel rank ``p``'s slice (dim 0) of every expert weight
   and of its optimizer moments, written by one replica of that rank.
 

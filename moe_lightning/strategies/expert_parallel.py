@@ -1,20 +1,32 @@
-"""ExpertParallelStrategy: experts sharded over an expert-parallel group, everything else replicated.
+"""ExpertParallelStrategy: experts sharded over an expert-parallel group; dense parameters replicated or sharded.
 
 The W ranks form a 2-D mesh ``("data_parallel", "expert_parallel")`` of shape ``(W / P, P)``; the P ranks of
 one expert-parallel group hold disjoint slices of every MoE layer's experts and exchange tokens with
-all-to-all. Every rank reads different data. Dense parameters (attention, norms, embeddings, routers) are
-replicated and their gradients averaged over all ranks; expert gradients are reduced over the ranks that hold
-the same experts (see :mod:`moe_lightning.strategies.replicas` for why this equals the one-process gradient).
+all-to-all. Every rank reads different data. Expert gradients are reduced over the ranks that hold the same
+experts (see :mod:`moe_lightning.strategies.replicas` for why this equals the one-process gradient).
 
-Gradients are reduced by an explicit all-reduce after the last backward of each optimizer step rather than by
-wrapping the model in DDP: it keeps the module unwrapped and the two reduction groups visible, at the cost of
-no overlap between backward and communication.
+Dense parameters (attention, norms, embeddings, routers) follow ``dense_parallel``:
+
+- ``"replicate"`` (default): every rank holds them whole; their gradients are averaged over all ranks by an
+  explicit all-reduce after the last backward of each optimizer step, together with the experts' reduction.
+  No DDP wrapper: the module stays unwrapped and the two reduction groups visible, at the cost of no overlap
+  between backward and communication.
+- ``"fully_shard"``: FSDP2 ``fully_shard`` over a 1-D mesh of all W ranks, per block and per root (see
+  :mod:`moe_lightning.strategies.dense` for which modules), with the expert parameters left out
+  (``ignored_params``). Each rank keeps 1/W of every dense parameter (a ``DTensor``) and of its optimizer
+  state; a unit's parameters are all-gathered before its forward and its gradients reduce-scattered (averaged
+  over all W ranks) during backward. The explicit reduction then handles only the experts. Mixed precision is
+  the precision plugin's, as with ``"replicate"`` (autocast over fp32 parameters for ``*-mixed``, parameters
+  cast for ``*-true``): FSDP gathers and reduces in the parameters' own dtype (no ``MixedPrecisionPolicy``).
+
+Checkpoints hold dense tensors whole in both modes (gathered from the shards on save, re-cut on load), so a
+checkpoint of either mode resumes in the other, at any expert-parallel size that divides the expert count.
 """
 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -32,16 +44,24 @@ from lightning.fabric.utilities.distributed import (
 )
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule
 from typing_extensions import override
 
+from moe_lightning.checkpoint.dtensors import (
+    full_optimizer_state, full_tensors, sharded_optimizer_state, sharded_state_dict,
+)
 from moe_lightning.checkpoint.resharding import load_for_rank
 from moe_lightning.checkpoint.sharded import prepare_directory, save_sharded, split_expert_tensors
+from moe_lightning.strategies.dense import (
+    DenseParallel, check_dense_parallel, shard_dense, step_mixed_groups_per_tensor,
+)
 from moe_lightning.strategies.replicas import GradientReducer, broadcast_module_states
 from moe_lightning.strategies.sharding import check_same_layout, shard_experts
 
@@ -81,6 +101,8 @@ class ExpertParallelStrategy(ParallelStrategy):
         expert_parallel_size: P, the ranks that share one copy of the experts; ``"auto"``: the world size
             (or world size / ``data_parallel_size``). Must divide the world size and every layer's expert count.
         data_parallel_size: copies of the experts; ``"auto"``: world size / P.
+        dense_parallel: ``"replicate"`` the dense parameters on every rank, or ``"fully_shard"`` them with
+            FSDP2 over all ranks (see above).
         process_group_backend: ``"nccl"``, ``"gloo"``, ...; ``None``: chosen from the device.
         timeout: timeout of the collectives.
     """
@@ -91,6 +113,7 @@ class ExpertParallelStrategy(ParallelStrategy):
         self,
         expert_parallel_size: Size = "auto",
         data_parallel_size: Size = "auto",
+        dense_parallel: DenseParallel = "replicate",
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         **kwargs: Any,
@@ -99,11 +122,16 @@ class ExpertParallelStrategy(ParallelStrategy):
         for name, value in (("expert_parallel_size", expert_parallel_size), ("data_parallel_size", data_parallel_size)):
             if value != "auto" and not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"{name} must be 'auto' or an int >= 1, got {name}={value!r}")
+        check_dense_parallel(dense_parallel)
         self._expert_parallel_size = expert_parallel_size
         self._data_parallel_size = data_parallel_size
+        self._dense_parallel = dense_parallel
         self._process_group_backend = process_group_backend
         self._timeout = timeout
         self._device_mesh: DeviceMesh | None = None
+        self._dense_mesh: DeviceMesh | None = None
+        self._fsdp_units: list[FSDPModule] = []
+        self._group_flags: dict[int, list[dict[str, Any]]] = {}  # id(optimizer) -> its groups' own foreach/fused
         self._expert_names: list[str] = []
         self._reducer: GradientReducer | None = None
         self._sync_gradients = True
@@ -115,6 +143,10 @@ class ExpertParallelStrategy(ParallelStrategy):
         if self._device_mesh is None:
             raise RuntimeError("the device mesh exists only after the processes have started (setup_environment)")
         return self._device_mesh
+
+    @property
+    def dense_parallel(self) -> str:
+        return self._dense_parallel
 
     @property
     def expert_parallel_rank(self) -> int:
@@ -174,12 +206,21 @@ class ExpertParallelStrategy(ParallelStrategy):
         self._device_mesh = init_device_mesh(
             self.root_device.type, (dp, ep), mesh_dim_names=("data_parallel", "expert_parallel")
         )
+        if self._dense_parallel == "fully_shard":
+            # All W ranks in one dimension (the default group): FSDP on the 2-D mesh would replicate over its first.
+            self._dense_mesh = init_device_mesh(self.root_device.type, (self.world_size,), mesh_dim_names=("dense",))
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.accelerator is not None and self.model is not None
+        if self._dense_parallel == "fully_shard" and trainer.gradient_clip_val:
+            # clip_grad_norm_ cannot mix the DTensor (dense) and plain (expert) gradients.
+            raise ValueError(
+                f"gradient clipping is not supported with dense_parallel='fully_shard', got "
+                f"gradient_clip_val={trainer.gradient_clip_val}"
+            )
         self.accelerator.setup(trainer)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
@@ -187,6 +228,7 @@ class ExpertParallelStrategy(ParallelStrategy):
             self._parallelize()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
+            self._step_mixed_groups_per_tensor()
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
@@ -197,7 +239,31 @@ class ExpertParallelStrategy(ParallelStrategy):
         check_same_layout(module)
         broadcast_module_states(module)
         self._expert_names = shard_experts(module, self.device_mesh["expert_parallel"].get_group())
-        self._reducer = GradientReducer(module, self._expert_names, self.device_mesh["data_parallel"].get_group())
+        fully_shard = self._dense_parallel == "fully_shard"
+        if fully_shard:
+            assert self._dense_mesh is not None
+            experts = [module.get_parameter(name) for name in self._expert_names]
+            self._fsdp_units = shard_dense(module, self._dense_mesh, experts)
+        self._reducer = GradientReducer(
+            module, self._expert_names, self.device_mesh["data_parallel"].get_group(), reduce_dense=not fully_shard
+        )
+
+    def _step_mixed_groups_per_tensor(self) -> None:
+        if self._fsdp_units:
+            self._group_flags = {id(opt): step_mixed_groups_per_tensor(opt) for opt in self.optimizers}
+
+    @override
+    def teardown(self) -> None:
+        if not self._fsdp_units:
+            super().teardown()
+            return
+        # Sharded parameters stay on their device (as in Lightning's ModelParallelStrategy): moved to the CPU, a
+        # later save_checkpoint would gather them there, where an NCCL mesh has no backend.
+        assert self.cluster_environment is not None and self.accelerator is not None
+        self.cluster_environment.teardown()
+        self.precision_plugin.teardown()
+        self.accelerator.teardown()
+        self.checkpoint_io.teardown()
 
     @override
     def model_to_device(self) -> None:
@@ -214,11 +280,17 @@ class ExpertParallelStrategy(ParallelStrategy):
     @override
     def block_backward_sync(self) -> Generator[None, None, None]:
         # Lightning enters this for the micro-batches that only accumulate; the step's last backward reduces.
-        self._sync_gradients = False
+        # FSDP then keeps the unsharded gradients and reduce-scatters their sum in the last backward.
+        self._set_gradient_sync(False)
         try:
             yield
         finally:
-            self._sync_gradients = True
+            self._set_gradient_sync(True)
+
+    def _set_gradient_sync(self, enabled: bool) -> None:
+        self._sync_gradients = enabled
+        for unit in self._fsdp_units:
+            unit.set_requires_gradient_sync(enabled, recurse=False)
 
     # ----------------------------------------------------------------- collectives
     @override
@@ -247,6 +319,42 @@ class ExpertParallelStrategy(ParallelStrategy):
             [names[id(p)] for group in optimizer.param_groups for p in group["params"]] for optimizer in self.optimizers
         ]
         return {"expert_names": list(self._expert_names), "optimizer_param_names": optimizer_param_names}
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        # Sharded dense parameters are gathered whole (every rank takes part; only global rank 0 writes them).
+        state = super().lightning_module_state_dict()
+        return full_tensors(state) if self._fsdp_units else state
+
+    @override
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        state = super().optimizer_state(optimizer)
+        if not self._fsdp_units:
+            return state
+        raw = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+        # Save the groups' own foreach/fused, not the per-tensor fallback (param_groups are fresh dicts here).
+        for group, flags in zip(state["param_groups"], self._group_flags.get(id(raw), [])):
+            group.update(flags)
+        return full_optimizer_state(state)
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        if self._fsdp_units:
+            assert self.lightning_module is not None
+            state_dict = sharded_state_dict(self.lightning_module, checkpoint["state_dict"])
+            checkpoint = {**checkpoint, "state_dict": state_dict}
+        super().load_model_state_dict(checkpoint, strict=strict)
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        if self._fsdp_units:
+            states = [
+                sharded_optimizer_state(optimizer, state)
+                for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"])
+            ]
+            checkpoint = {**checkpoint, "optimizer_states": states}
+        super().load_optimizer_state_dict(checkpoint)
+        self._step_mixed_groups_per_tensor()  # loading restored the checkpoint's flags
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:

@@ -24,6 +24,9 @@ def broadcast_module_states(module: nn.Module, src: int = 0) -> None:
 class GradientReducer:
     """All-reduces dense gradients over every rank and expert gradients over their data-parallel group.
 
+    With ``reduce_dense=False`` it leaves the dense gradients alone (FSDP reduce-scatters them, see
+    :mod:`moe_lightning.strategies.dense`) and reduces only the experts'.
+
     Call :meth:`reduce` once per optimizer step, after the last backward of the step (with gradient
     accumulation, the local gradients are summed first and reduced once).
 
@@ -31,12 +34,16 @@ class GradientReducer:
         module: the model whose ``.grad``s are reduced.
         expert_names: names (in ``module``) of the expert-sharded parameters.
         data_parallel_group: the ranks that hold the same experts.
+        reduce_dense: whether to all-reduce the dense gradients too.
     """
 
-    def __init__(self, module: nn.Module, expert_names: list[str], data_parallel_group: dist.ProcessGroup) -> None:
+    def __init__(
+        self, module: nn.Module, expert_names: list[str], data_parallel_group: dist.ProcessGroup,
+        reduce_dense: bool = True,
+    ) -> None:
         expert_set = set(expert_names)
         named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
-        self.dense = [p for name, p in named if name not in expert_set]
+        self.dense = [p for name, p in named if name not in expert_set] if reduce_dense else []
         self.experts = [p for name, p in named if name in expert_set]
         self.data_parallel_group = data_parallel_group
 
