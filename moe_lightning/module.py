@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torchmetrics import MeanMetric
@@ -152,8 +153,14 @@ class MoELightningModule(LightningModule):
     @override
     def configure_optimizers(self) -> dict[str, Any]:
         # The fused kernel updates every tensor in one pass; the default foreach path took a quarter of a
-        # whole-model step on an H200 (benchmarks/RESULTS.md).
-        fused = all(p.is_cuda for p in self.parameters())
+        # whole-model step on an H200 (benchmarks/RESULTS.md). Lightning's mixed-precision plugin refuses to clip
+        # gradients for an optimizer that unscales them itself, as fused AdamW does, so clipping falls back to foreach.
+        trainer = self._trainer
+        clips_under_amp = (
+            trainer is not None and bool(trainer.gradient_clip_val)
+            and isinstance(trainer.precision_plugin, MixedPrecision)
+        )
+        fused = all(p.is_cuda for p in self.parameters()) and not clips_under_amp
         optimizer = torch.optim.AdamW(self.param_groups(), betas=self.hparams.betas, fused=fused)
         total = self.hparams.max_steps or int(self.trainer.estimated_stepping_batches)
         schedule = warmup_cosine(self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)

@@ -6,8 +6,8 @@ context, batches padded up to a bucket size), so it compiles once per bucket and
 CUDA graph that a step replays with a single launch. The prompt (prefill) runs eagerly on the same cache: its
 length changes from request to request and its launches are amortised over many tokens.
 
-On the CPU both are off by default and the decoder runs the same static-shape step eagerly: the clean fallback,
-and what the CPU tests check against :class:`EagerDecoder`.
+On the CPU there are no CUDA graphs and the decoder runs the same static-shape step eagerly (or compiled, if
+asked): the clean fallback, and what the CPU tests check against :class:`EagerDecoder`.
 
 Shape legend: B batch, P longest prompt, V vocab.
 """
@@ -32,7 +32,9 @@ class CompiledDecoder:
 
     Args:
         model: the model, in eval mode, with per-token routing and weights already on their device and dtype.
-        compile: ``torch.compile`` the decode step. Default: on CUDA only (a CPU compile takes long and gains little).
+        compile: ``torch.compile`` the decode step (fullgraph). Off by default: the CUDA graph already removes the
+            launch overhead that dominates a decode step (benchmarks/RESULTS.md), while compiling costs minutes per
+            bucket for a large model and rounds bf16 differently from the eager model.
         cuda_graphs: capture each bucket's step as a CUDA graph. Default: on CUDA; refused elsewhere.
         max_len: cache slots per row (prompt + new tokens); default ``model.config.max_seq_len``.
         batch_buckets: a batch of B rows runs in the smallest bucket >= B (padding rows are masked out), so one
@@ -42,7 +44,7 @@ class CompiledDecoder:
     """
 
     def __init__(
-        self, model: MoETransformer, compile: bool | None = None, cuda_graphs: bool | None = None,
+        self, model: MoETransformer, compile: bool = False, cuda_graphs: bool | None = None,
         max_len: int | None = None, batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS,
     ) -> None:
         device = model.embed.weight.device
@@ -55,7 +57,7 @@ class CompiledDecoder:
         self.max_len = max_len or model.config.max_seq_len
         if not 1 <= self.max_len <= model.config.max_seq_len:
             raise ValueError(f"max_len must be in [1, max_seq_len={model.config.max_seq_len}], got {self.max_len}")
-        self.compile = on_cuda if compile is None else compile
+        self.compile = compile
         self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
         self.batch_buckets = sorted(set(batch_buckets))
         self._steps: dict[int, _BucketStep] = {}
@@ -91,16 +93,18 @@ class _BucketStep:
         return logits[:, -1]
 
     def _capture(self) -> Callable[[], Tensor]:
-        # Warm up (compiles, autotunes, allocates) on a side stream as CUDA graphs require, in sync-debug mode so
-        # a host synchronisation inside the step fails here with its cause instead of breaking the capture.
+        # Warm up (compiles, autotunes, allocates) on a side stream as CUDA graphs require. The last warm-up step
+        # runs in sync-debug mode, so a host synchronisation inside the step fails here with its cause instead of
+        # breaking the capture (compiling itself synchronises, so the first steps run without it).
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
+            for _ in range(WARMUP_STEPS):
+                self.run()
             previous = torch.cuda.get_sync_debug_mode()
             torch.cuda.set_sync_debug_mode("error")
             try:
-                for _ in range(WARMUP_STEPS):
-                    self.run()
+                self.run()
             except RuntimeError as error:
                 raise RuntimeError(
                     "the decode step synchronises with the host, so it cannot be captured as a CUDA graph "

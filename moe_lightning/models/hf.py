@@ -52,11 +52,11 @@ def mixtral_from_moe_transformer(model: MoETransformer, experts_implementation: 
         num_key_value_heads=config.kv_heads, head_dim=config.head_dim, max_position_embeddings=config.max_seq_len,
         rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta, num_local_experts=config.num_experts,
         num_experts_per_tok=router.num_experts_per_token, tie_word_embeddings=config.tie_embeddings,
-        router_aux_loss_coef=0.0, output_router_logits=False,
+        router_aux_loss_coef=0.0, output_router_logits=False, experts_implementation=experts_implementation,
+        attn_implementation="sdpa",
     )
     hf_config.rope_parameters = {"rope_type": "default", "rope_theta": config.rope_theta}
     hf = MixtralForCausalLM(hf_config)
-    hf.set_experts_implementation(experts_implementation)
     hf.model.embed_tokens.weight.copy_(model.embed.weight)
     hf.model.norm.weight.copy_(model.norm.weight)
     hf.lm_head.weight.copy_(model.head.weight)

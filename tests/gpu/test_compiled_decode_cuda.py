@@ -18,19 +18,37 @@ def bf16_model() -> MoETransformer:
     return MoETransformer(config).to("cuda", torch.bfloat16).eval()
 
 
-@pytest.mark.parametrize("compile", [False, True])
-@torch.no_grad()
-def test_captured_steps_give_the_eager_logits(compile):
-    torch._dynamo.reset()
-    model = bf16_model()
+def teacher_forced_logits(session) -> list[torch.Tensor]:
     ids = torch.tensor([[0, 0, 5, 9], [3, 4, 5, 6], [0, 0, 0, 7]], device="cuda")
-    eager = EagerDecoder(model).start(3, 16)
-    compiled = CompiledDecoder(model, compile=compile, cuda_graphs=True).start(3, 16)
-    torch.testing.assert_close(compiled.prefill(ids, ids != 0), eager.prefill(ids, ids != 0), rtol=3e-2, atol=3e-2)
+    logits = [session.prefill(ids, ids != 0)]
     for step in range(8):
         token_B = torch.tensor([step, step + 1, step + 2], device="cuda")
         real_B = torch.tensor([True, step < 4, True], device="cuda")
-        torch.testing.assert_close(compiled.step(token_B, real_B), eager.step(token_B, real_B), rtol=3e-2, atol=3e-2)
+        logits.append(session.step(token_B, real_B))
+    return logits
+
+
+@torch.no_grad()
+def test_captured_steps_give_exactly_the_eager_logits():
+    model = bf16_model()
+    eager = teacher_forced_logits(EagerDecoder(model).start(3, 16))
+    graphed = teacher_forced_logits(CompiledDecoder(model, compile=False, cuda_graphs=True).start(3, 16))
+    for got, expected in zip(graphed, eager):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_compiled_captured_steps_equal_compiled_steps_and_stay_near_eager():
+    torch._dynamo.reset()
+    model = bf16_model()
+    eager = teacher_forced_logits(EagerDecoder(model).start(3, 16))
+    compiled = teacher_forced_logits(CompiledDecoder(model, compile=True, cuda_graphs=False).start(3, 16))
+    graphed = teacher_forced_logits(CompiledDecoder(model, compile=True, cuda_graphs=True).start(3, 16))
+    for got, expected in zip(graphed, compiled):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    # Inductor fuses bf16 ops with other roundings: on an H200 the logits (largest about 11) moved by up to 0.16.
+    for got, expected in zip(compiled, eager):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0.3)
 
 
 def test_generate_with_cuda_graphs_matches_eager_greedy_on_most_tokens():
