@@ -45,17 +45,53 @@ def serve_main(argv: list[str]) -> None:
     from moe_lightning.inference import InferenceEngine
     from moe_lightning.serving.app import create_app
 
+    if options.cuda_graphs and options.offload_capacity is not None:
+        parser.error("--cuda-graphs and --offload-capacity exclude each other: the expert cache decides on the host "
+                     "which experts to load, which a captured CUDA graph cannot do")
+    if options.pin_hot_from is not None and options.offload_capacity is None:
+        parser.error("--pin-hot-from pins experts in the expert cache: give --offload-capacity too")
     try:
         engine = InferenceEngine.from_checkpoint(options.checkpoint, options.config, options.device,
                                                  DTYPES[options.dtype] if options.dtype else None)
+        decoder, hit_rate = _run_options(engine, options, settings)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
-    app = create_app(engine, settings)
+    app = create_app(engine, settings, decoder=decoder, expert_cache_hit_rate=hit_rate)
     auth = "WITHOUT authentication (--insecure-no-auth)" if settings.insecure_no_auth else (
         f"{len(settings.api_keys)} API key(s)")
     print(f"serving {options.checkpoint} as {settings.model_name!r} on http://{options.host}:{options.port} "
           f"with {auth}", flush=True)
     uvicorn.run(app, host=options.host, port=options.port, log_level=options.log_level)
+
+
+def _run_options(engine, options: argparse.Namespace, settings: ServerSettings):
+    """The decoder and the expert-cache hit-rate reader that ``--cuda-graphs`` and ``--offload-*`` ask for."""
+    from moe_lightning.inference import CompiledDecoder, hot_experts_from_stats, offload_experts
+
+    decoder = hit_rate = None
+    if options.cuda_graphs:
+        buckets = [size for size in (1, 2, 4, 8, 16, 32, 64, 128) if size < settings.max_batch_size]
+        decoder = CompiledDecoder(engine.model, cuda_graphs=True, batch_buckets=[*buckets, settings.max_batch_size])
+    if options.offload_capacity is not None:
+        pin = None
+        if options.pin_hot_from is not None:
+            pin = hot_experts_from_stats(options.pin_hot_from, options.pin_hot, model=engine.model)
+        offload = offload_experts(engine.model, options.offload_capacity, options.offload_policy, pin=pin,
+                                  prefetch=options.prefetch)
+
+        def hit_rate() -> float | None:
+            stats = offload.stats()
+            return stats.hit_rate if stats.total.accesses else None
+
+    return decoder, hit_rate
+
+
+def _count_or_fraction(text: str) -> int | float:
+    """``"16"`` is a count of experts, ``"0.25"`` a fraction of them."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,6 +108,17 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"a file of API keys, one a line (added to ${API_KEYS_ENV}, comma-separated)")
     parser.add_argument("--insecure-no-auth", action="store_true",
                         help="serve without API keys: anyone who reaches the port can use the model")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="decode with CompiledDecoder: one CUDA graph per batch-size bucket (needs --device cuda)")
+    parser.add_argument("--offload-capacity", type=_count_or_fraction, default=None,
+                        help="keep the experts in host memory behind a device cache of this many experts per layer "
+                             "(an int, or a fraction of the layer's experts below 1)")
+    parser.add_argument("--offload-policy", choices=["lru", "lfu"], default="lru", help="expert cache eviction")
+    parser.add_argument("--pin-hot-from", default=None,
+                        help="a training run's router_stats.jsonl: pin each layer's hottest experts in the cache")
+    parser.add_argument("--pin-hot", type=_count_or_fraction, default=0.125,
+                        help="how many hot experts to pin per layer: a count, or a fraction of the experts below 1")
+    parser.add_argument("--prefetch", action="store_true", help="prefetch the next layer's predicted experts")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     for name in _LIMITS:
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(_DEFAULTS[name]), default=_DEFAULTS[name],

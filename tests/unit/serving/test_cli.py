@@ -1,9 +1,12 @@
 """``serve_main``: arguments to settings and engine, then uvicorn (stubbed here)."""
 
+import json
+
 import pytest
 import uvicorn
+from fastapi.testclient import TestClient
 
-from moe_lightning.inference import export_safetensors
+from moe_lightning.inference import CachedExperts, export_safetensors, generate
 from moe_lightning.serving.cli import serve_main
 from tests.unit.serving.conftest import tiny_model
 
@@ -40,10 +43,35 @@ def test_keys_limits_and_the_model_reach_the_app(checkpoint, tmp_path, monkeypat
     assert service.settings.model_name == "tiny" and service.vocab_size == 256
 
 
+def test_offloaded_experts_with_hot_experts_pinned_serve_and_report_their_hit_rate(checkpoint, tmp_path, monkeypatch):
+    # A training run's statistics, by hand: per MoE layer, expert 3 then expert 1 took the most rows.
+    model = tiny_model()
+    stats = tmp_path / "router_stats.jsonl"
+    loads = [[1.0, 5.0, 0.0, 9.0] + [0.0] * (layer.num_experts - 4) for layer in model.moe_layers]
+    stats.write_text(json.dumps({"step": 10, "layers": [{"layer": i, "load": load} for i, load in enumerate(loads)]}))
+    monkeypatch.setenv("MOE_LIGHTNING_API_KEYS", "k")
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(app))
+    serve_main(["--checkpoint", str(checkpoint), "--offload-capacity", "3", "--pin-hot-from", str(stats),
+                "--pin-hot", "2"])
+    app = served[0]
+    experts = [layer.experts for layer in app.state.service.batcher.model.moe_layers]
+    assert all(isinstance(e, CachedExperts) and set(e.cache.pinned) == {3, 1} for e in experts)
+    with TestClient(app) as client:
+        response = client.post("/v1/generate", json={"prompts": [[1, 2, 3]], "max_new_tokens": 3},
+                               headers={"Authorization": "Bearer k"})
+        assert response.json()["outputs"][0]["tokens"] == generate(model, [[1, 2, 3]], 3)[0]
+        metrics = client.get("/metrics", headers={"Authorization": "Bearer k"}).text
+    assert "moe_lightning_expert_cache_hit_rate NaN" not in metrics
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [(["--port", "0"], "--port must be in 1..65535"), (["--max-batch-size", "0"], "max_batch_size must be >= 1"),
-     (["--checkpoint", "missing.bin"], "must be a .safetensors export or a Lightning .ckpt")],
+     (["--checkpoint", "missing.bin"], "must be a .safetensors export or a Lightning .ckpt"),
+     (["--cuda-graphs", "--offload-capacity", "2"], "--cuda-graphs and --offload-capacity exclude each other"),
+     (["--pin-hot-from", "stats.jsonl"], "--pin-hot-from pins experts in the expert cache"),
+     (["--cuda-graphs"], "cuda_graphs=True needs the model on a CUDA device")],
 )
 def test_bad_arguments_are_named(checkpoint, monkeypatch, capsys, argv, message):
     monkeypatch.setenv("MOE_LIGHTNING_API_KEYS", "k")
