@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, WebSocket, WebSocketDisconnect
@@ -10,7 +11,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from moe_lightning.dashboard.tail import StatsTail
-from moe_lightning.dashboard.views import UnknownLayerError, in_step_range, layer_series, slim
+from moe_lightning.dashboard.views import UnknownLayerError, in_step_range, layer_matrices, layer_series, slim
 
 STATIC = Path(__file__).parent / "static"
 
@@ -52,12 +53,13 @@ def create_app(run_dir: str | Path, poll_seconds: float = 0.5) -> FastAPI:
     @app.get("/api/layers/{layer}")
     def layer(layer: int, start: int | None = None, end: int | None = None) -> dict:
         tail.poll()
-        try:
-            return layer_series(tail.records, layer, start, end)
-        except UnknownLayerError as error:
-            raise HTTPException(404, str(error)) from error
-        except ValueError as error:
-            raise HTTPException(400, str(error)) from error
+        return _layer_view(layer_series, tail.records, layer, start, end)
+
+    @app.get("/api/layers/{layer}/matrices")
+    def matrices(layer: int, start: int | None = None, end: int | None = None) -> dict:
+        """The specialisation, co-occurrence and transition matrices summed over the steps (the socket has none)."""
+        tail.poll()
+        return _layer_view(layer_matrices, tail.records, layer, start, end)
 
     @app.websocket("/ws")
     async def stream(websocket: WebSocket) -> None:
@@ -85,6 +87,15 @@ def create_app(run_dir: str | Path, poll_seconds: float = 0.5) -> FastAPI:
             closed.cancel()
 
     return app
+
+
+def _layer_view(view: Callable[..., dict], records: list[dict], layer: int, start: int | None, end: int | None) -> dict:
+    try:
+        return view(records, layer, start, end)
+    except UnknownLayerError as error:
+        raise HTTPException(404, str(error)) from error
+    except ValueError as error:
+        raise HTTPException(400, str(error)) from error
 
 
 async def _until_disconnect(websocket: WebSocket) -> None:

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 NUM_LAYERS, NUM_EXPERTS = 4, 8
+NUM_TASKS = 5  # SyntheticTasksDataModule's tasks: its task ids are the labels of the specialisation view
 # A small run, a record every 3 steps, long enough to outlast the test, which stops it once it has seen enough.
 TRAIN_ARGS = [
     "fit", "--config", str(ROOT / "configs" / "synthetic-tasks.yaml"),
@@ -88,6 +89,23 @@ def points(page, chart: str) -> dict[int, float]:
     return {int(step): value for step, value in pairs}
 
 
+def matrix(page, view: str) -> dict:
+    """A matrix view as drawn: its layer, step range and cell values (None where undefined), read in one go."""
+    drawn = page.eval_on_selector(
+        f"#{view}",
+        "svg => ({layer: svg.dataset.layer, start: svg.dataset.start, end: svg.dataset.end,"
+        " values: [...svg.querySelectorAll('rect[data-tip]')].map(r => r.dataset.value)})",
+    )
+    drawn["values"] = [None if v == "" else float(v) for v in drawn["values"]]
+    return drawn
+
+
+def api_matrix(url: str, drawn: dict, view: str) -> dict:
+    """The same view from the API, for the layer and steps the page drew."""
+    params = {"start": drawn["start"], "end": drawn["end"]}
+    return httpx.get(f"{url}/api/layers/{drawn['layer']}/matrices", params=params, timeout=5).json()[view]
+
+
 def test_dashboard_shows_a_running_training_live(tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -124,6 +142,25 @@ def test_dashboard_shows_a_running_training_live(tmp_path):
             expected = dict(zip(api["steps"], api["imbalance"]))
             assert {step: expected[step] for step in layer2} == layer2
             assert any(layer0[step] != layer2[step] for step in layer0.keys() & layer2.keys())
+            nmi = points(page, "nmi")
+            assert nmi and {step: dict(zip(api["steps"], api["nmi"]))[step] for step in nmi} == nmi
+
+            # The matrices of layer 2 over the chosen steps: every cell drawn, holding what the API sums for them.
+            page.wait_for_function("document.getElementById('specialisation').dataset.layer === '2'")
+            spec = matrix(page, "specialisation")
+            assert len(spec["values"]) == NUM_TASKS * NUM_EXPERTS and any(v for v in spec["values"])
+            expected = api_matrix(url, spec, "specialisation")
+            assert spec["values"] == pytest.approx([v for row in expected["share"] for v in row])
+            cooc = matrix(page, "cooccurrence")
+            assert len(cooc["values"]) == NUM_EXPERTS**2 and any(v for v in cooc["values"])  # top-2: pairs co-occur
+            assert cooc["values"][0] is None  # expert 0 with itself
+            transitions = matrix(page, "transitions")
+            assert len(transitions["values"]) == NUM_EXPERTS**2
+            expected = api_matrix(url, transitions, "transitions")
+            assert transitions["values"] == pytest.approx([v for row in expected["share"] for v in row])
+            page.hover("#specialisation rect >> nth=0")
+            first_label = api_matrix(url, spec, "specialisation")["rows"][0]
+            assert page.inner_text("#tip").startswith(f"layer 2, {first_label}, expert 0: ")
 
             # Hover shows a cell's value; a one-record step range leaves one row in the per-step heatmap.
             page.hover("#layer-heatmap rect >> nth=0")
@@ -132,6 +169,22 @@ def test_dashboard_shows_a_running_training_live(tmp_path):
                 page.eval_on_selector(f"#{control}", "e => { e.value = '0'; e.dispatchEvent(new Event('input')); }")
             assert page.locator("#layer-heatmap rect").count() == NUM_EXPERTS
             assert page.inner_text("#to-step") == str(api["steps"][0])
+
+            # Clicking layer 3's row of the load heatmap redraws the specialisation with layer 3's counts; it is the
+            # last layer, so the transitions view says so instead of drawing.
+            first = str(api["steps"][0])
+            ready = "(layer) => { const d = document.getElementById('specialisation').dataset;"
+            ready += f" return d.layer === layer && d.start === '{first}' && d.end === '{first}'; }}"
+            page.wait_for_function(ready, arg="2")
+            spec2 = matrix(page, "specialisation")
+            page.click(f"#heatmap rect[data-tip] >> nth={3 * NUM_EXPERTS}")
+            page.wait_for_function(ready, arg="3")
+            spec3 = matrix(page, "specialisation")
+            assert page.input_value("#layer") == "3" and spec3["values"] != spec2["values"]
+            expected = api_matrix(url, spec3, "specialisation")
+            assert spec3["values"] == pytest.approx([v for row in expected["share"] for v in row])
+            assert page.locator("#transitions rect").count() == 0
+            assert "layer 3 is the last MoE layer" in page.inner_text("#transitions + .note")
             browser.close()
     except BaseException:
         for log in tmp_path.glob("*.log"):

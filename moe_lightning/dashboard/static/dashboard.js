@@ -3,7 +3,8 @@
 
 const SVG_NS = "http://www.w3.org/2000/svg";
 const VIRIDIS = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
-const state = { records: [], layer: 0 };
+// matrices: the last answer of /api/layers/{layer}/matrices and the key it answers; resets counts restarted files.
+const state = { records: [], layer: 0, resets: 0, matrices: null, fetching: false };
 const $ = (id) => document.getElementById(id);
 
 function el(parent, tag, attrs, text) {
@@ -25,8 +26,10 @@ function fmt(v) {
   return v === null || v === undefined ? "-" : Number.isInteger(v) ? String(v) : v.toFixed(3);
 }
 
-// Rows x columns of values, coloured against the largest; every cell carries its hover text.
+// Rows x columns of values, coloured against the largest; every cell carries its value and hover text. A null value
+// (undefined there) is a grey cell.
 function heatmap(svg, rows, rowLabels, tip, selectedRow, onRowClick) {
+  showNote(svg, null);
   svg.replaceChildren();
   const width = 900, left = 80, top = 4, bottom = 18;
   const cols = rows.length ? rows[0].length : 0;
@@ -34,7 +37,7 @@ function heatmap(svg, rows, rowLabels, tip, selectedRow, onRowClick) {
   const cellH = Math.max(3, Math.min(24, 320 / Math.max(rows.length, 1)));
   const height = top + rows.length * cellH + bottom;
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
-  const max = rows.flat().reduce((a, b) => Math.max(a, b), 1e-12);  // no spread: long runs have many cells
+  const max = rows.flat().reduce((a, b) => Math.max(a, b ?? 0), 1e-12);  // no spread: long runs have many cells
   const labelEvery = Math.ceil(rows.length / 16);  // keep row labels readable when there are many steps
   rows.forEach((row, r) => {
     if (r % labelEvery === 0) {
@@ -44,7 +47,7 @@ function heatmap(svg, rows, rowLabels, tip, selectedRow, onRowClick) {
     row.forEach((v, c) => {
       const cell = el(svg, "rect", {
         x: left + c * cellW, y: top + r * cellH, width: Math.max(cellW - 1, 1), height: Math.max(cellH - 1, 1),
-        fill: colour(v / max), "data-tip": tip(r, c, v),
+        fill: v === null ? "#ddd" : colour(v / max), "data-value": v === null ? "" : v, "data-tip": tip(r, c, v),
       });
       if (onRowClick) cell.addEventListener("click", () => onRowClick(r));
     });
@@ -60,6 +63,7 @@ function heatmap(svg, rows, rowLabels, tip, selectedRow, onRowClick) {
 
 // One polyline per series against the step; every point carries its step, value and hover text.
 function lines(svg, steps, series, label) {
+  showNote(svg, null);
   svg.replaceChildren();
   const width = 440, height = 220, left = 48, right = 10, top = 22, bottom = 22;
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
@@ -90,6 +94,16 @@ function lines(svg, steps, series, label) {
       });
     }
   });
+}
+
+// A short sentence in place of a chart that has nothing to show (the .note after the svg); null shows the chart.
+function showNote(svg, text) {
+  const note = svg.nextElementSibling;
+  if (!note || !note.classList.contains("note")) return;
+  note.textContent = text || "";
+  note.hidden = !text;
+  svg.style.display = text ? "none" : "";
+  if (text) svg.replaceChildren();
 }
 
 function chosenRecords() {
@@ -123,6 +137,73 @@ function render() {
     { name: "load", values: rows.map((row) => row.load_entropy), colour: "#1f77b4" },
     { name: "token", values: rows.map((row) => row.token_entropy), colour: "#2ca02c" },
   ], `layer ${layer}`);
+  const nmi = rows.map((row) => row.nmi ?? null);
+  if (nmi.some((v) => v !== null)) {
+    lines($("nmi"), steps, [{ name: "NMI", values: nmi, colour: "#9467bd" }], `layer ${layer}`);
+  } else {
+    const labelled = state.records.some((r) => r.layers.some((l) => l.nmi !== null && l.nmi !== undefined));
+    showNote($("nmi"), labelled ? "no NMI in the chosen steps" : "no labels in this run");
+  }
+  refreshMatrices();
+}
+
+// The matrices are summed by the server (the socket leaves them out): one request at a time, the latest choice wins.
+function matricesQuery() {
+  const records = chosenRecords();
+  if (!records.length) return null;
+  const start = records[0].step, end = records[records.length - 1].step;
+  return `/api/layers/${state.layer}/matrices?start=${start}&end=${end}`;
+}
+
+async function refreshMatrices() {
+  const query = matricesQuery();
+  const key = `${query}#${state.resets}`;
+  if (query === null || state.fetching || (state.matrices && state.matrices.key === key)) return;
+  state.fetching = true;
+  let body;
+  try {
+    const response = await fetch(query);
+    body = await response.json();
+    if (!response.ok) throw new Error(body.detail || response.statusText);
+  } catch (error) {
+    const note = { note: `could not load the matrices: ${error.message}` };
+    body = { layer: state.layer, specialisation: note, cooccurrence: note, transitions: note };
+  } finally {
+    state.fetching = false;
+  }
+  state.matrices = { key, body };
+  if (`${matricesQuery()}#${state.resets}` === key) drawMatrices(body);
+  else refreshMatrices();  // the layer or steps changed while this one was on its way
+}
+
+function matrixView(id, view, title, rowLabels, tip, m) {
+  const svg = $(id);
+  Object.assign(svg.dataset, { layer: m.layer, start: m.start ?? "", end: m.end ?? "" });
+  $(`${id}-title`).textContent = title;
+  if (view.note) showNote(svg, view.note);
+  else heatmap(svg, view.share, rowLabels(view), (r, c, v) => tip(view, r, c, v), null, null);
+}
+
+function drawMatrices(m) {
+  const layer = m.layer, span = m.records ? `steps ${m.start}-${m.end}` : "no steps";
+  const of = (view, r, c) => `${fmt(view.counts[r][c])} of ${fmt(view.row_tokens[r])} tokens`;
+  const spec = m.specialisation;
+  const nmi = spec.nmi === undefined ? "" : `, NMI ${fmt(spec.nmi)}`;
+  matrixView("specialisation", spec,
+    `Specialisation, layer ${layer}: share of each label's tokens per top-1 expert (${span}${nmi})`,
+    (view) => view.rows,
+    (view, r, c, v) => `layer ${layer}, ${view.rows[r]}, expert ${c}: ${fmt(v)} of the label (${of(view, r, c)})`, m);
+  matrixView("cooccurrence", m.cooccurrence,
+    `Co-occurrence, layer ${layer}: share of expert i's tokens (row) that also picked expert j (${span})`,
+    (view) => view.share.map((_, i) => `e${i}`),
+    (view, r, c, v) => (r === c
+      ? `layer ${layer}, expert ${r}: picked by ${fmt(view.counts[r][r])} tokens`
+      : `layer ${layer}, expert ${r} with ${c}: ${fmt(v)} of expert ${r}'s tokens (${of(view, r, c)})`), m);
+  const next = m.transitions.next_layer;
+  matrixView("transitions", m.transitions, next === undefined ? `Transitions from layer ${layer}`
+    : `Transitions: top-1 expert at layer ${layer} (row) to top-1 expert at layer ${next} (${span})`,
+    (view) => view.share.map((_, i) => `L${layer} e${i}`),
+    (view, r, c, v) => `layer ${layer} expert ${r} to layer ${next} expert ${c}: ${fmt(v)} (${of(view, r, c)})`, m);
 }
 
 function selectLayer(layer) {
@@ -140,7 +221,10 @@ function setStatus(text, isError) {
 function receive(message) {
   const from = $("from"), to = $("to");
   const following = +to.value === +to.max;  // the range's end keeps up with new records while it sits at the last one
-  if (message.reset) state.records = [];
+  if (message.reset) {
+    state.records = [];
+    state.resets += 1;
+  }
   state.records.push(...message.records);
   const last = Math.max(state.records.length - 1, 0);
   from.max = to.max = String(last);

@@ -90,3 +90,16 @@ def test_cli_serves_on_loopback_by_default(tmp_path, monkeypatch):
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.update(kwargs))
     main(["dashboard", str(tmp_path)])
     assert served["host"] == "127.0.0.1" and served["port"] == 8008
+
+
+def test_layer_matrices_of_a_real_run(client, stats_file, stats_lines):
+    stats_file.write_text("".join(stats_lines))
+    matrices = client.get("/api/layers/0/matrices", params={"start": 2, "end": 3}).json()
+    assert (matrices["start"], matrices["end"], matrices["records"]) == (2, 3, 2)
+    spec = matrices["specialisation"]
+    assert len(spec["share"]) == 2 and len(spec["share"][0]) == 4 and 0 <= spec["nmi"] <= 1
+    assert all(sum(row) == pytest.approx(1) for row, tokens in zip(spec["share"], spec["row_tokens"]) if tokens)
+    assert len(matrices["cooccurrence"]["share"]) == 4 and matrices["transitions"]["next_layer"] == 1
+    assert client.get("/api/layers/1/matrices").json()["transitions"]["note"].startswith("layer 1 is the last")
+    assert client.get("/api/layers/2/matrices").status_code == 404
+    assert client.get("/api/layers/0/matrices?start=3&end=1").status_code == 400
