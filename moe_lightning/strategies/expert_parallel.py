@@ -59,6 +59,7 @@ from moe_lightning.checkpoint.dtensors import (
 )
 from moe_lightning.checkpoint.resharding import load_for_rank
 from moe_lightning.checkpoint.sharded import prepare_directory, save_sharded, split_expert_tensors
+from moe_lightning.strategies.clipping import clip_grad_norm_over_experts
 from moe_lightning.strategies.dense import (
     DenseParallel, check_dense_parallel, shard_dense, step_mixed_groups_per_tensor,
 )
@@ -230,6 +231,9 @@ class ExpertParallelStrategy(ParallelStrategy):
             self.setup_optimizers(trainer)
             self._step_mixed_groups_per_tensor()
         self.setup_precision_plugin()
+        if not self._fsdp_units:
+            # Lightning clips by norm through the precision plugin, whose norm would see only this rank's experts.
+            self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_global_norm
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
 
@@ -271,6 +275,15 @@ class ExpertParallelStrategy(ParallelStrategy):
         self.model.to(self.root_device)
 
     # ----------------------------------------------------------------- gradients
+    def _clip_grad_by_global_norm(self, optimizer: torch.optim.Optimizer, clip_val: float) -> None:
+        assert self._reducer is not None
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        clip_grad_norm_over_experts(
+            [p for p in self._reducer.dense if id(p) in in_optimizer],
+            [p for p in self._reducer.experts if id(p) in in_optimizer],
+            self.device_mesh["expert_parallel"].get_group(), clip_val,
+        )
+
     @override
     def post_backward(self, closure_loss: Tensor) -> None:
         if self._sync_gradients and self._reducer is not None:

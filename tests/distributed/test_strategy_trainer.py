@@ -143,3 +143,35 @@ def test_checkpoint_with_a_duplicated_expert_shard_is_refused(runs, tmp_path):
     shutil.copy(broken / shard_file_name(0, 2), broken / "experts-copy.safetensors")
     with pytest.raises(ValueError, match=r"duplicated expert shards .*0: \['experts-00000-of-00002.safetensors', 'experts-copy"):
         load_sharded(broken, ep_rank=0, ep_size=2)
+
+
+CLIP = 0.05  # small enough that every step of this model clips
+
+
+def _sgd_module():
+    # Plain SGD with a large step: Adam's update hardly changes when a step's gradients are scaled, and a small SGD
+    # step would keep a wrong clip factor's effect inside the tolerance.
+    module = build_module()
+    module.configure_optimizers = lambda: torch.optim.SGD(module.parameters(), lr=20.0)
+    return module
+
+
+def _fit_clipped(rank, world_size, tmp):
+    module = _sgd_module()
+    fit = trainer(ExpertParallelStrategy(), world_size, gradient_clip_val=CLIP)
+    fit.fit(module, loader(BATCH, world_size, rank))
+    torch.save(_snapshot(module, fit.optimizers[0]), f"{tmp}/clipped{rank}.pt")
+
+
+def test_gradient_norm_clipping_at_ep2_uses_the_whole_models_norm(tmp_path):
+    # Each rank alone would see half the experts, compute a smaller norm and clip its (shared) dense gradients less.
+    module = _sgd_module()
+    one = trainer("auto", 1, gradient_clip_val=CLIP)
+    one.fit(module, loader(2 * BATCH, 2))
+    reference = _snapshot(module, one.optimizers[0])
+    unclipped = _sgd_module()
+    trainer("auto", 1).fit(unclipped, loader(2 * BATCH, 2))
+    assert not torch.allclose(unclipped.model.embed.weight, module.model.embed.weight, **TOL)
+    run_workers(_fit_clipped, 2, str(tmp_path))
+    for rank in range(2):
+        _assert_matches(torch.load(tmp_path / f"clipped{rank}.pt"), reference, rank, ep=2)
