@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,19 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from moe_lightning.analytics import BF16_TIE_MARGIN, LayerRoutingStats, RoutingCounts, churn_counts, layer_statistics, top1_expert
+from moe_lightning.analytics import (
+    BF16_TIE_MARGIN,
+    LayerRoutingStats,
+    RoutingCounts,
+    churn_counts,
+    expert_seconds,
+    layer_statistics,
+    recorded_expert_inputs,
+    time_share,
+    top1_expert,
+)
 from moe_lightning.callbacks.sampling import StepSampler, batch_labels, step_routings
+from moe_lightning.layer import MoELayer
 from moe_lightning.module import unpack_output
 
 HEATMAP_CELL_PIXELS = 8
@@ -44,6 +56,10 @@ class RouterStatsMonitor(Callback):
         near_tie_threshold: top-k score margin under which a token counts as a near-tie.
         log_images: send histograms and the heatmap to TensorBoard loggers.
         stats_filename: the JSON-lines file in the log dir; ``None`` writes none.
+        time_experts: at each record, also time every expert alone on its rows of the probe batch and log each
+            expert's share of its layer's expert time (``expert_time_share`` in the record; the busiest share as
+            ``router/layer{l}/expert_time_share_max``). Rank zero's experts only (its own slice under expert
+            parallelism). Costs a few extra expert calls per record; needs ``probe_size > 0``.
     """
 
     def __init__(
@@ -57,6 +73,7 @@ class RouterStatsMonitor(Callback):
         near_tie_threshold: float = BF16_TIE_MARGIN,
         log_images: bool = True,
         stats_filename: str | None = "router_stats.jsonl",
+        time_experts: bool = False,
     ) -> None:
         if log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps must be >= 1, got log_every_n_steps={log_every_n_steps}")
@@ -65,6 +82,8 @@ class RouterStatsMonitor(Callback):
                             ("near_tie_threshold", near_tie_threshold)):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {name}={value}")
+        if time_experts and probe_size == 0:
+            raise ValueError("time_experts=True times the experts on the probe batch: it needs probe_size > 0")
         if num_labels is not None and num_labels < 1:
             raise ValueError(f"num_labels must be >= 1 or None, got num_labels={num_labels}")
         self.log_every_n_steps = log_every_n_steps
@@ -76,6 +95,8 @@ class RouterStatsMonitor(Callback):
         self.near_tie_threshold = near_tie_threshold
         self.log_images = log_images
         self.stats_filename = stats_filename
+        self.time_experts = time_experts
+        self._time_share: list[list[float]] | None = None
         self.label_names: list[str] | None = None
         self.stats_path: str | None = None
         self._counts: RoutingCounts | None = None
@@ -139,7 +160,13 @@ class RouterStatsMonitor(Callback):
             self._probe_ids = batch["input_ids"][: self.probe_size].clone()
         was_training = pl_module.training
         pl_module.eval()
-        _, routings = unpack_output(pl_module({"input_ids": self._probe_ids.to(pl_module.device)}))
+        recorder = recorded_expert_inputs(pl_module) if self.time_experts else contextlib.nullcontext()
+        with recorder as expert_inputs:
+            _, routings = unpack_output(pl_module({"input_ids": self._probe_ids.to(pl_module.device)}))
+        if self.time_experts:
+            experts = [module.experts for module in pl_module.modules() if isinstance(module, MoELayer)]
+            self._time_share = [time_share(expert_seconds(e, *inputs)).tolist()
+                                for e, inputs in zip(experts, expert_inputs) if inputs is not None]
         pl_module.train(was_training)
         top1 = [top1_expert(routing) for routing in routings]
         if self._probe_top1 is not None:
@@ -149,6 +176,8 @@ class RouterStatsMonitor(Callback):
 
     def _report(self, trainer: Trainer, step: int, stats: list[LayerRoutingStats], counts: RoutingCounts) -> None:
         metrics = {f"router/layer{s.layer}/{name}": value for s in stats for name, value in s.scalars().items()}
+        for layer, shares in enumerate(self._time_share or []):
+            metrics[f"router/layer{layer}/expert_time_share_max"] = max(shares)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
             if self.log_images and isinstance(logger, TensorBoardLogger):
@@ -172,7 +201,8 @@ class RouterStatsMonitor(Callback):
             "layers": [
                 {**s.as_dict(), "load": counts.load_LE[s.layer].tolist(),
                  "cooccurrence": counts.cooccurrence_LEE[s.layer].tolist(),
-                 "label_expert": counts.label_expert_LCE[s.layer].tolist()}
+                 "label_expert": counts.label_expert_LCE[s.layer].tolist(),
+                 **({"expert_time_share": self._time_share[s.layer]} if self._time_share else {})}
                 for s in stats
             ],
             "transitions": counts.transitions_LEE.tolist(),

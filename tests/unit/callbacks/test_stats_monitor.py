@@ -76,3 +76,19 @@ def test_window_counts_survive_checkpoint_and_resume(tmp_path):
 def test_invalid_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         RouterStatsMonitor(**kwargs)
+
+
+def test_expert_time_shares_reach_the_record_when_timing_is_on(tmp_path):
+    logger = RecordingLogger()
+    tensorboard = TensorBoardLogger(tmp_path, name="tb")
+    monitor = RouterStatsMonitor(log_every_n_steps=2, num_labels=2, time_experts=True)
+    trainer(tmp_path, [monitor], logger=[tensorboard, logger], max_steps=2).fit(tiny_module(), loader())
+    record = json.loads((tmp_path / "tb" / "version_0" / "router_stats.jsonl").read_text().splitlines()[0])
+    for layer, stats in enumerate(record["layers"]):
+        assert len(stats["expert_time_share"]) == 4 and sum(stats["expert_time_share"]) == pytest.approx(1.0)
+        assert logger.metrics[2][f"router/layer{layer}/expert_time_share_max"] == max(stats["expert_time_share"])
+
+
+def test_timing_without_a_probe_is_refused():
+    with pytest.raises(ValueError, match="needs probe_size > 0"):
+        RouterStatsMonitor(time_experts=True, probe_size=0)
