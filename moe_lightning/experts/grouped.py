@@ -19,7 +19,7 @@ Implementation = Literal["auto", "grouped_mm", "loop"]
 IMPLEMENTATIONS = ("auto", "grouped_mm", "loop")
 
 # torch >= 2.10 exposes the public name; older releases only the private op with the same semantics.
-_grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
+grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
 
 
 class GroupedExperts(nn.Module):
@@ -86,16 +86,16 @@ class GroupedExperts(nn.Module):
         self.num_experts = stop - start
 
     def forward(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
-        dtype = _compute_dtype(x_ND)
+        dtype = compute_dtype(x_ND)
         x_ND = x_ND.to(dtype)
         w_in_EDH, w_down_EFD = self.w_in_EDH.to(dtype), self.w_down_EFD.to(dtype)
         use_grouped = self.implementation == "grouped_mm" or (
-            self.implementation == "auto" and _grouped_mm_supported(x_ND)
+            self.implementation == "auto" and grouped_mm_supported(x_ND)
         )
         if use_grouped:
             offsets_E = tokens_per_expert_E.cumsum(0).to(torch.int32)
-            h_NH = _grouped_mm(x_ND, w_in_EDH, offs=offsets_E)
-            return _grouped_mm(activate(h_NH, self.activation), w_down_EFD, offs=offsets_E)
+            h_NH = grouped_mm(x_ND, w_in_EDH, offs=offsets_E)
+            return grouped_mm(activate(h_NH, self.activation), w_down_EFD, offs=offsets_E)
         return self._forward_loop(x_ND, tokens_per_expert_E, w_in_EDH, w_down_EFD)
 
     def _forward_loop(self, x_ND: Tensor, tokens_per_expert_E: Tensor, w_in_EDH: Tensor, w_down_EFD: Tensor) -> Tensor:
@@ -105,12 +105,12 @@ class GroupedExperts(nn.Module):
         return torch.cat(outputs) if outputs else x_ND.new_zeros(0, w_down_EFD.shape[-1])
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
+def compute_dtype(x: Tensor) -> torch.dtype:
     # Under autocast the parameters stay fp32; grouped_mm is not autocast-aware, so cast explicitly.
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
 
-def _grouped_mm_supported(x: Tensor) -> bool:
+def grouped_mm_supported(x: Tensor) -> bool:
     return x.device.type == "cpu" or x.dtype == torch.bfloat16

@@ -27,9 +27,9 @@ from moe_lightning.experts.grouped import (
     IMPLEMENTATIONS,
     GroupedExperts,
     Implementation,
-    _compute_dtype,
-    _grouped_mm,
-    _grouped_mm_supported,
+    compute_dtype,
+    grouped_mm,
+    grouped_mm_supported,
 )
 from moe_lightning.inference.expert_cache import EvictionPolicy, ExpertCache
 from moe_lightning.inference.expert_store import (
@@ -100,7 +100,7 @@ class CachedExperts(nn.Module):
             raise ValueError(
                 f"tokens_per_expert_E must have shape ({cache.num_experts},), got {tuple(tokens_per_expert_E.shape)}"
             )
-        dtype = _compute_dtype(x_ND)
+        dtype = compute_dtype(x_ND)
         x_ND = x_ND.to(dtype)
         cache.to(x_ND.device)
         counts_E = tokens_per_expert_E.tolist()  # the host sync: which experts have rows
@@ -111,7 +111,7 @@ class CachedExperts(nn.Module):
             starts_E[e] = starts_E[e - 1] + counts_E[e - 1]
         active = [e for e, count in enumerate(counts_E) if count > 0]
         use_grouped = self.implementation == "grouped_mm" or (
-            self.implementation == "auto" and _grouped_mm_supported(x_ND)
+            self.implementation == "auto" and grouped_mm_supported(x_ND)
         )
         y_ND = x_ND.new_empty(x_ND.shape[0], cache.dim)
         for chunk in cache.plan(active):
@@ -141,5 +141,5 @@ class CachedExperts(nn.Module):
         for slot, e in zip(slots, experts):
             rows_per_slot_S[slot] = counts_E[e]
         offsets_S = torch.tensor(rows_per_slot_S, device=x_nD.device).cumsum(0).to(torch.int32)
-        h_nH = _grouped_mm(x_nD, w_in_SDH, offs=offsets_S)
-        return _grouped_mm(activate(h_nH, self.activation), w_down_SFD, offs=offsets_S)
+        h_nH = grouped_mm(x_nD, w_in_SDH, offs=offsets_S)
+        return grouped_mm(activate(h_nH, self.activation), w_down_SFD, offs=offsets_S)

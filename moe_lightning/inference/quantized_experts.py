@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from moe_lightning.experts.activations import Activation, activate, check_activation, input_width
-from moe_lightning.experts.grouped import GroupedExperts, _compute_dtype
+from moe_lightning.experts.grouped import GroupedExperts, compute_dtype
 from moe_lightning.inference.quantization_config import QuantizationConfig, as_config
 from moe_lightning.inference.quantized_matrices import QuantizedMatrices
 
@@ -71,7 +71,7 @@ class QuantizedExperts(nn.Module):
                    device=experts.w_in_EDH.device)
 
     def forward(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
-        dtype = _compute_dtype(x_ND)
+        dtype = compute_dtype(x_ND)
         x_ND = x_ND.to(dtype)
         counts = tokens_per_expert_E.tolist()
         if len(counts) != self.num_experts or sum(counts) != x_ND.shape[0]:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moe_lightning.experts.grouped import _compute_dtype
+from moe_lightning.experts.grouped import compute_dtype
 from moe_lightning.inference.quantization_config import QuantizationConfig, as_config
 from moe_lightning.inference.quantized_matrices import QuantizedMatrices
 
@@ -57,7 +57,7 @@ class QuantizedLinear(nn.Module):
         return cls(linear.in_features, linear.out_features, has_bias, config, device=linear.weight.device)
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         x_MK = x.reshape(-1, self.in_features).to(dtype)
         y_MN = self.weight_NK.matmul(x_MK, 0).to(dtype)
         if self.bias is not None:
