@@ -28,21 +28,31 @@ def export_safetensors(module_or_model: nn.Module, path: str | Path, router: dic
         router: the router spec ``{"class_path": ..., "init_args": {...}}``; needed only when the model was built
             with a router factory that is neither a Router class nor a ``functools.partial`` of one.
     """
-    model = _transformer_of(module_or_model)
+    write_model_file(transformer_of(module_or_model, "export_safetensors"), path, router, FORMAT, "export_safetensors")
+
+
+def write_model_file(
+    model: MoETransformer, path: str | Path, router: dict[str, Any] | None, file_format: str, writer: str,
+    extra_metadata: dict[str, str] | None = None,
+) -> None:
+    """The file layout every exporter shares: ``state_dict`` tensors (tied head left out) on the CPU, with the
+    format, the model config and the router spec as JSON metadata, plus ``extra_metadata``. ``writer`` names the
+    calling function in errors."""
     spec = router or model.router_spec
     if spec is None:
         raise ValueError(
             "the model's router factory cannot be written down as data: pass router={'class_path': ..., "
-            "'init_args': {...}} to export_safetensors"
+            f"'init_args': {{...}}}} to {writer}"
         )
     router_factory_from_spec(spec)  # refuse a spec that would not load back
     state = model.state_dict()
     if model.config.tie_embeddings:
         del state["head.weight"]  # the same storage as embed.weight; re-tied on load
     metadata = {
-        FORMAT_KEY: FORMAT,
+        FORMAT_KEY: file_format,
         CONFIG_KEY: json.dumps(dataclasses.asdict(model.config)),
         ROUTER_KEY: json.dumps(spec),
+        **(extra_metadata or {}),
     }
     save_file({key: value.detach().cpu().contiguous() for key, value in state.items()}, str(path), metadata=metadata)
 
@@ -86,9 +96,10 @@ def load_weights(model: MoETransformer, state: dict[str, Any], source: str) -> N
         model.head.weight = model.embed.weight
 
 
-def _transformer_of(module_or_model: nn.Module) -> MoETransformer:
+def transformer_of(module_or_model: nn.Module, caller: str) -> MoETransformer:
+    """The :class:`MoETransformer` itself, or the one a module holds as ``.model``; ``caller`` names who asks."""
     model = getattr(module_or_model, "model", module_or_model)
     if not isinstance(model, MoETransformer):
-        raise TypeError(f"export_safetensors needs a MoETransformer (or a module whose .model is one), got "
+        raise TypeError(f"{caller} needs a MoETransformer (or a module whose .model is one), got "
                         f"{type(model).__name__}")
     return model

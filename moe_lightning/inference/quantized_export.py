@@ -8,24 +8,31 @@ empty quantised modules of the right shapes where the metadata says, and install
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from moe_lightning.experts.grouped import GroupedExperts
-from moe_lightning.inference.export import CONFIG_KEY, FORMAT, FORMAT_KEY, ROUTER_KEY, build_model, load_weights
+from moe_lightning.inference.export import (
+    CONFIG_KEY,
+    FORMAT,
+    FORMAT_KEY,
+    ROUTER_KEY,
+    build_model,
+    load_weights,
+    transformer_of,
+    write_model_file,
+)
 from moe_lightning.inference.quantization_config import QuantizationConfig
 from moe_lightning.inference.quantize import quantized_modules
 from moe_lightning.inference.quantized_experts import QuantizedExperts
 from moe_lightning.inference.quantized_linear import QuantizedLinear
 from moe_lightning.inference.quantized_matrices import import_bitsandbytes
 from moe_lightning.models import MoETransformer
-from moe_lightning.models.router_spec import router_factory_from_spec
 
 QUANTIZED_FORMAT = "moe_lightning.QuantizedMoETransformer/1"
 QUANTIZATION_KEY = "moe_lightning.quantization"
@@ -41,11 +48,7 @@ def save_quantized(module_or_model: nn.Module, path: str | Path, router: dict[st
         path: the file to write.
         router: the router spec, as for :func:`export_safetensors`.
     """
-    model = getattr(module_or_model, "model", module_or_model)
-    if not isinstance(model, MoETransformer):
-        raise TypeError(
-            f"save_quantized needs a MoETransformer (or a module whose .model is one), got {type(model).__name__}"
-        )
+    model = transformer_of(module_or_model, "save_quantized")
     modules = quantized_modules(model)
     if not modules:
         raise ValueError("the model holds no quantised module: run quantize_model first (or export_safetensors it)")
@@ -54,26 +57,13 @@ def save_quantized(module_or_model: nn.Module, path: str | Path, router: dict[st
     differing = sorted(name for name, other in configs.items() if other != config)
     if differing:
         raise ValueError(f"one file holds one QuantizationConfig; {differing} differ from {config}")
-    spec = router or model.router_spec
-    if spec is None:
-        raise ValueError("the model's router factory cannot be written down as data: pass router={'class_path': ..., "
-                         "'init_args': {...}} to save_quantized")
-    router_factory_from_spec(spec)  # refuse a spec that would not load back
-    state = model.state_dict()
-    if model.config.tie_embeddings:
-        del state["head.weight"]  # the same storage as embed.weight; re-tied on load
     quantization = {
         "config": config.as_dict(),
         "modules": {name: _kind(module) for name, module in modules.items()},
         "bitsandbytes": import_bitsandbytes().__version__,
     }
-    metadata = {
-        FORMAT_KEY: QUANTIZED_FORMAT,
-        CONFIG_KEY: json.dumps(dataclasses.asdict(model.config)),
-        ROUTER_KEY: json.dumps(spec),
-        QUANTIZATION_KEY: json.dumps(quantization),
-    }
-    save_file({key: value.detach().cpu().contiguous() for key, value in state.items()}, str(path), metadata=metadata)
+    write_model_file(model, path, router, QUANTIZED_FORMAT, "save_quantized",
+                     {QUANTIZATION_KEY: json.dumps(quantization)})
 
 
 def load_quantized(path: str | Path) -> MoETransformer:

@@ -76,24 +76,37 @@ class KVCache:
         ``attn_mask_B1LS`` (True: may attend) over every slot up to and including them: causal, padded keys masked.
         A padded query always sees its own slot, so no softmax row is empty (its output is never used).
         """
-        batch, length = padding_mask_BL.shape
-        if batch != self.batch_size:
-            raise ValueError(f"the cache holds batch_size={self.batch_size} rows, got a batch of {batch}")
+        mask_BL = self._checked_mask(padding_mask_BL)
+        length = mask_BL.shape[1]
         if self.length + length > self.max_len:
             raise ValueError(
                 f"the cache is full: {self.length} slots used + {length} new tokens > max_len={self.max_len}"
             )
-        mask_BL = padding_mask_BL.to(device=self.key_mask_BS.device, dtype=torch.bool)
         start, end = self.length, self.length + length
         self.key_mask_BS[:, start:end] = mask_BL
+        device = mask_BL.device
+        positions_BL, attn_mask_B1LS = self._positions_and_attention(
+            mask_BL, self.key_mask_BS[:, :end], torch.arange(end, device=device), torch.arange(start, end, device=device)
+        )
+        self._start, self._length = start, end
+        return positions_BL, attn_mask_B1LS
+
+    def _checked_mask(self, padding_mask_BL: Tensor) -> Tensor:
+        batch = padding_mask_BL.shape[0]
+        if batch != self.batch_size:
+            raise ValueError(f"the cache holds batch_size={self.batch_size} rows, got a batch of {batch}")
+        return padding_mask_BL.to(device=self.key_mask_BS.device, dtype=torch.bool)
+
+    def _positions_and_attention(
+        self, mask_BL: Tensor, key_mask_BS: Tensor, slots_S: Tensor, query_slots_L: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The new tokens' rotary positions (counting each row's real tokens) and their attention mask over
+        ``slots_S`` (keys already marked in ``key_mask_BS``); counts the new real tokens."""
         positions_BL = (self.num_real_B[:, None] + mask_BL.long().cumsum(dim=1) - 1).clamp_min(0)
-        self.num_real_B += mask_BL.sum(dim=1)
-        slots_S = torch.arange(end, device=mask_BL.device)
-        query_slots_L = torch.arange(start, end, device=mask_BL.device)
+        self.num_real_B.add_(mask_BL.sum(dim=1))
         causal_LS = slots_S[None, :] <= query_slots_L[:, None]
         own_LS = slots_S[None, :] == query_slots_L[:, None]
-        attn_mask_BLS = (self.key_mask_BS[:, None, :end] & causal_LS) | own_LS
-        self._start, self._length = start, end
+        attn_mask_BLS = (key_mask_BS[:, None, :] & causal_LS) | own_LS
         return positions_BL, attn_mask_BLS[:, None]
 
     def update(self, layer_idx: int, k_BGLDh: Tensor, v_BGLDh: Tensor) -> tuple[Tensor, Tensor]:

@@ -46,20 +46,13 @@ class StaticKVCache(KVCache):
 
     def extend(self, padding_mask_BL: Tensor) -> tuple[Tensor, Tensor]:
         """:meth:`KVCache.extend`, except that the mask spans all S slots (``attn_mask_B1LS`` has S columns)."""
-        batch, length = padding_mask_BL.shape
-        if batch != self.batch_size:
-            raise ValueError(f"the cache holds batch_size={self.batch_size} rows, got a batch of {batch}")
-        mask_BL = padding_mask_BL.to(device=self.key_mask_BS.device, dtype=torch.bool)
-        slots_L = self.next_slot + torch.arange(length, device=mask_BL.device)
+        mask_BL = self._checked_mask(padding_mask_BL)
+        slots_L = self.next_slot + torch.arange(mask_BL.shape[1], device=mask_BL.device)
         self.key_mask_BS.index_copy_(1, slots_L, mask_BL)
-        positions_BL = (self.num_real_B[:, None] + mask_BL.long().cumsum(dim=1) - 1).clamp_min(0)
-        self.num_real_B.add_(mask_BL.sum(dim=1))
-        causal_LS = self._slots_S[None, :] <= slots_L[:, None]
-        own_LS = self._slots_S[None, :] == slots_L[:, None]
-        attn_mask_BLS = (self.key_mask_BS[:, None, :] & causal_LS) | own_LS
-        self.next_slot.add_(length)
+        positions_BL, attn_mask_B1LS = self._positions_and_attention(mask_BL, self.key_mask_BS, self._slots_S, slots_L)
+        self.next_slot.add_(mask_BL.shape[1])
         self._slots_L = slots_L
-        return positions_BL, attn_mask_BLS[:, None]
+        return positions_BL, attn_mask_B1LS
 
     def update(self, layer_idx: int, k_BGLDh: Tensor, v_BGLDh: Tensor) -> tuple[Tensor, Tensor]:
         """Store one layer's keys and values at the slots of the last :meth:`extend`; return all S slots."""
