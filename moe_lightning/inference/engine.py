@@ -36,22 +36,27 @@ class InferenceEngine:
             config: the run's ``config.yaml`` for a ``.ckpt`` found elsewhere than in LightningCLI's layout.
             device, dtype: where and in which floating dtype to run; default: the CPU and the saved dtype.
         """
-        path = Path(path)
-        if path.is_dir():
-            raise ValueError(
-                f"{path} is a directory (an expert-parallel checkpoint?): consolidate it into one .ckpt with "
-                "moe_lightning.checkpoint.export_consolidated, or export the trained model with export_safetensors"
-            )
-        if path.suffix == ".safetensors":
-            if config is not None:
-                raise ValueError(f"config={config} is for .ckpt files; {path} carries its own architecture")
-            model = load_quantized(path) if is_quantized_file(path) else load_safetensors(path)
-        elif path.suffix == ".ckpt":
-            model = load_lightning_checkpoint(path, config)
-        else:
-            raise ValueError(f"checkpoint {path} must be a .safetensors export or a Lightning .ckpt file")
-        return cls(model.to(device=device, dtype=dtype))
+        return cls(load_model(path, config).to(device=device, dtype=dtype))
 
     def generate(self, prompts: Prompts, max_new_tokens: int, **sampling: Any) -> list[list[int]]:
         """New tokens per prompt; ``sampling`` are :func:`generate`'s keyword arguments."""
         return generate(self.model, prompts, max_new_tokens, **sampling)
+
+
+def load_model(path: str | Path, config: str | Path | None = None) -> MoETransformer:
+    """The model of a checkpoint file, on the CPU (see :meth:`InferenceEngine.from_checkpoint` for the formats)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(
+            f"{path} is a directory (an expert-parallel checkpoint?): consolidate it into one .ckpt with "
+            "moe_lightning.checkpoint.export_consolidated, or export the trained model with export_safetensors"
+        )
+    if path.suffix not in (".safetensors", ".ckpt"):
+        raise ValueError(f"checkpoint {path} must be a .safetensors export or a Lightning .ckpt file")
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".ckpt":
+        return load_lightning_checkpoint(path, config)
+    if config is not None:
+        raise ValueError(f"config={config} is for .ckpt files; {path} carries its own architecture")
+    return load_quantized(path) if is_quantized_file(path) else load_safetensors(path)

@@ -16,8 +16,7 @@ from torch.utils.data import DataLoader
 
 from moe_lightning.data.windows import IGNORE_INDEX, ContiguousWindows
 from moe_lightning.experts.grouped import GroupedExperts
-from moe_lightning.inference.export import load_safetensors
-from moe_lightning.inference.lightning_checkpoint import load_lightning_checkpoint
+from moe_lightning.inference.engine import load_model
 from moe_lightning.inference.quantization_config import COMPUTE_DTYPES, MODES, QuantizationConfig
 from moe_lightning.inference.quantize import expert_weight_bytes, quantize_model, weight_bytes
 from moe_lightning.inference.quantized_export import save_quantized
@@ -78,19 +77,6 @@ def quantize_main(args: list[str]) -> None:
     print(format_report(rows, bf16_expert_bytes, perplexities))
     print(f"wrote {output} ({', '.join(f'{k}={v}' for k, v in config.as_dict().items() if v is not None)}, "
           f"dense={options.dense})")
-
-
-def load_model(path: Path, config: str | None) -> MoETransformer:
-    """A ``.safetensors`` export or a Lightning ``.ckpt`` (architecture from ``config`` or the run's config.yaml)."""
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        if config is not None:
-            raise ValueError(f"--config {config} is for .ckpt files; {path} carries its own architecture")
-        return load_safetensors(path)
-    if path.suffix == ".ckpt":
-        return load_lightning_checkpoint(path, config)
-    raise ValueError(f"checkpoint {path} must be a .safetensors export or a Lightning .ckpt file")
 
 
 def eval_batches(model: MoETransformer, options: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
