@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_lightning.experts import FeedForward, GroupedExperts, SharedExperts
+from moe_lightning.kernels.rms_norm import RMSNorm
+from moe_lightning.kernels.rotary import apply_rotary
 from moe_lightning.layer import MoELayer
 from moe_lightning.models.config import MoETransformerConfig
 from moe_lightning.models.kv_cache import KVCache
@@ -43,12 +45,7 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, x_BHLDh: Tensor, positions: Tensor) -> Tensor:
         """``positions`` is ``[L]`` (shared by every row) or ``[B, L]`` (per row)."""
-        cos, sin = self.cos_LF[positions], self.sin_LF[positions]
-        if positions.dim() == 2:
-            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, L, F]: the same angle in every head
-        x1, x2 = x_BHLDh.float().chunk(2, dim=-1)
-        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        return rotated.to(x_BHLDh.dtype)
+        return apply_rotary(x_BHLDh, self.cos_LF, self.sin_LF, positions)
 
 
 class CausalSelfAttention(nn.Module):
@@ -87,9 +84,9 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, config: MoETransformerConfig, layer_idx: int, router: RouterFactory) -> None:
         super().__init__()
-        self.attn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.attn_norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.attn = CausalSelfAttention(config)
-        self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.ffn: MoELayer | FeedForward
         if config.is_moe_layer(layer_idx):
             shared = None
@@ -146,7 +143,7 @@ class MoETransformer(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
         self.blocks = nn.ModuleList(TransformerBlock(config, i, router) for i in range(config.num_layers))
-        self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.reset_parameters()
         if config.tie_embeddings:

@@ -10,8 +10,9 @@ import math
 import torch
 from torch import Tensor, nn
 
+from moe_lightning.kernels.router_gemm import router_logits
 from moe_lightning.routing.base import Router, Routing
-from moe_lightning.routing.topk import check_num_experts_per_token, router_logits, topk_routing
+from moe_lightning.routing.topk import check_num_experts_per_token, topk_routing
 
 
 class AttentionRouter(Router):

@@ -10,8 +10,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from moe_lightning.kernels.router_gemm import router_logits
 from moe_lightning.routing.base import Router, Routing
-from moe_lightning.routing.topk import router_logits
 
 
 class ExpertChoiceRouter(Router):

@@ -9,9 +9,9 @@ import math
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moe_lightning.kernels.router_gemm import router_logits
 from moe_lightning.routing.base import Router, Routing, routing_from_topk
 from moe_lightning.routing.counting import count_per_bin
 from moe_lightning.routing.losses import expert_bias_step
@@ -165,12 +165,6 @@ def _validate_topk(num_experts: int, k: int, num_groups: int, groups_per_token: 
                 f"num_experts_per_token={k} exceeds the {reachable} experts reachable in num_groups_per_token="
                 f"{groups_per_token} groups of {num_experts // num_groups}"
             )
-
-
-def router_logits(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
-    """Router logits in fp32 whatever the model dtype or autocast state: routing decisions are precision-sensitive."""
-    with torch.autocast(device_type=x_TD.device.type, enabled=False):
-        return F.linear(x_TD.float(), weight_ED.float())
 
 
 def topk_routing(
