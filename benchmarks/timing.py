@@ -24,6 +24,21 @@ def median_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 10) -> floa
     return statistics.median(times)
 
 
+def back_to_back_ms(fn: Callable[[], object], warmup: int = 3, calls: int = 10) -> float:
+    """Mean time per call of ``calls`` calls in a row with no synchronisation between them, as a training loop runs:
+    the host queues the next call's kernels while the card works (``median_ms`` starts every call on an idle card)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / calls
+
+
 def peak_memory_gib(fn: Callable[[], object]) -> float:
     """Peak CUDA memory allocated during one call of ``fn`` (what was allocated before included)."""
     torch.cuda.synchronize()
