@@ -12,8 +12,17 @@ Prefill: the median time of a forward over the prompts. Decode tokens/s: B x (N 
 is the median wall time of a whole generation of n new tokens with no stop token, so prefill and set-up cancel.
 Sections: ``decoders`` (ours eager, ours with CompiledDecoder, HF generate with grouped_mm experts),
 ``quant`` (bitsandbytes int8 and nf4 experts: memory, decode speed, logits error against bf16), ``offload``
-(batch 1 with the experts in pinned CPU memory behind a 25 % GPU cache: LRU, LFU with the hot experts of a
-calibration pass pinned, and that with pre-gated prefetch).
+(batch 1 with the experts in pinned CPU memory behind a 25 % GPU cache: LRU, LFU with hot experts pinned, and that
+with pre-gated prefetch; the hot experts come from a training run's router_stats.jsonl with ``--pin-hot-from``, else
+from a calibration pass over the largest batch of prompts).
+
+A trained model instead of random weights: ``--checkpoint`` (an export or a Lightning ``.ckpt``, see
+``moe_lightning.inference.load_model``) with ``--sections offload quant`` (the decoders section compares against a
+Mixtral holding the same weights, which needs olmoe-like routing), and ``--prompt-data RUN/config.yaml`` to cut
+the prompts from that run's validation data instead of drawing random tokens, e.g. the synthetic task:
+
+    PYTHONPATH=. python benchmarks/inference.py --checkpoint RUN/checkpoints/last.ckpt --sections offload \
+        --pin-hot-from RUN/router_stats.jsonl --prompt-data RUN/config.yaml --prompt-len 64 --new-tokens 32
 """
 
 from __future__ import annotations
@@ -22,18 +31,26 @@ import argparse
 import contextlib
 import functools
 import gc
+import importlib
 import json
 import statistics
 import time
 from collections.abc import Callable, Iterator
 
 import torch
+import yaml
 
 from moe_lightning.analytics import RoutingCounts
 from moe_lightning.inference import (
-    CompiledDecoder, ExpertOffload, expert_weight_bytes, generate, hot_experts_from_stats, offload_experts,
+    CompiledDecoder,
+    ExpertOffload,
+    expert_weight_bytes,
+    generate,
+    hot_experts_from_stats,
+    offload_experts,
     quantize_model,
 )
+from moe_lightning.inference.engine import load_model
 from moe_lightning.models import MoETransformer, MoETransformerConfig
 from moe_lightning.models.hf import mixtral_from_moe_transformer
 from moe_lightning.routing import TopKRouter
@@ -48,13 +65,33 @@ DIMS = {
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def build_model(dims: str, layers: int, max_len: int) -> MoETransformer:
-    """The benchmark model, built on the device (a CPU init of 7B parameters takes minutes); same seed, same weights."""
+def build_model(args: argparse.Namespace) -> MoETransformer:
+    """The trained ``--checkpoint`` in bf16, or the random-weight benchmark model, built on the device (a CPU init of
+    7B parameters takes minutes); same seed, same weights."""
+    if args.checkpoint:
+        return load_model(args.checkpoint).to(DEVICE, torch.bfloat16).eval()
     torch.manual_seed(0)
-    config = MoETransformerConfig(**DIMS[dims], num_layers=layers, max_seq_len=max_len)
+    config = MoETransformerConfig(**DIMS[args.dims], num_layers=args.layers,
+                                  max_seq_len=args.prompt_len + args.new_tokens)
     router = functools.partial(TopKRouter, num_experts_per_token=TOP_K, normalize_weights=True)
     with torch.device(DEVICE):
         return MoETransformer(config, router=router).bfloat16().eval()
+
+
+def prompts_from_data(config_path: str, batch: int, prompt_len: int) -> torch.Tensor:
+    """The first ``prompt_len`` tokens of ``batch`` validation sequences of the datamodule a LightningCLI config names
+    (``data.class_path`` with plain ``init_args``)."""
+    with open(config_path) as file:
+        data = yaml.safe_load(file)["data"]
+    module_name, _, class_name = data["class_path"].rpartition(".")
+    datamodule = getattr(importlib.import_module(module_name), class_name)(**(data.get("init_args") or {}))
+    datamodule.setup("fit")
+    rows = []
+    for loader_batch in datamodule.val_dataloader():
+        rows += list(loader_batch["input_ids"][:, :prompt_len])
+        if len(rows) >= batch:
+            return torch.stack(rows[:batch]).to(DEVICE)
+    raise ValueError(f"{config_path}'s validation data has {len(rows)} sequences, fewer than batch {batch}")
 
 
 def synchronize() -> None:
@@ -126,12 +163,16 @@ def offload_section(model, args, prompts_by_batch) -> list[dict]:
     rows = [{"batch": batch, "run": "ours eager, experts resident", **measure(ours_fn(model, prompts), batch,
                                                                            args.slow_new_tokens)}]
     resident = rows[0]["decode_tok_s"]
-    # Stand-in for training statistics: the routing of a calibration batch (random weights have no training run).
-    counts = RoutingCounts.zeros(len(model.moe_layers), num_experts, device=DEVICE)
-    with torch.no_grad():
-        counts.add_routings(model(prompts_by_batch[max(prompts_by_batch)]).routings)
-    capacity = num_experts // 4
-    hot = hot_experts_from_stats(counts, capacity - TOP_K // 2)
+    capacity, top_k = num_experts // 4, model.moe_layers[0].router.k
+    # Pin all but top_k / 2 slots, which stay free for the experts a token needs beyond the pinned ones.
+    pinned = capacity - top_k // 2
+    if args.pin_hot_from:
+        hot = hot_experts_from_stats(args.pin_hot_from, pinned, model=model)
+    else:  # stand-in for training statistics: the routing of a calibration batch
+        counts = RoutingCounts.zeros(len(model.moe_layers), num_experts, device=DEVICE)
+        with torch.no_grad():
+            counts.add_routings(model(prompts_by_batch[max(prompts_by_batch)]).routings)
+        hot = hot_experts_from_stats(counts, pinned)
     for name, settings in (("LRU", dict(policy="lru")), ("LFU + hot pinned", dict(policy="lfu", pin=hot)),
                            ("LFU + hot pinned + prefetch", dict(policy="lfu", pin=hot, prefetch=True))):
         with experts_replaced(model, lambda: offload_experts(model, capacity, **settings)) as offload:
@@ -204,15 +245,22 @@ def main() -> None:
                         help="new tokens for the quant and offload rows, whose per-expert loops and copies are slow")
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--checkpoint", help="a trained model instead of random --dims weights")
+    parser.add_argument("--pin-hot-from", help="a training run's router_stats.jsonl: the hot experts to pin")
+    parser.add_argument("--prompt-data", help="a LightningCLI config.yaml whose validation data gives the prompts")
     args = parser.parse_args()
+    if args.checkpoint and "decoders" in args.sections:
+        parser.error("--checkpoint needs --sections offload and/or quant (the decoders section needs olmoe-like "
+                     "routing to build the HF peer)")
 
     device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
-    print(f"{device_name}, torch {torch.__version__}, {args.dims} dims, {args.layers} layers, prompt "
-          f"{args.prompt_len}, {args.new_tokens} new tokens")
-    model = build_model(args.dims, args.layers, args.prompt_len + args.new_tokens)
+    model = build_model(args)
+    print(f"{device_name}, torch {torch.__version__}, {args.checkpoint or args.dims + ' dims'}, "
+          f"{model.config.num_layers} layers, prompt {args.prompt_len}, {args.new_tokens} new tokens")
     generator = torch.Generator().manual_seed(0)
     prompts_by_batch = {
-        batch: torch.randint(1, model.config.vocab_size, (batch, args.prompt_len), generator=generator).to(DEVICE)
+        batch: prompts_from_data(args.prompt_data, batch, args.prompt_len) if args.prompt_data else
+        torch.randint(1, model.config.vocab_size, (batch, args.prompt_len), generator=generator).to(DEVICE)
         for batch in args.batch_sizes
     }
     rows = []
