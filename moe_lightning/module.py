@@ -8,13 +8,13 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from moe_lightning.analytics.load import max_mean_imbalance
+from moe_lightning.kernels.adamw import TritonAdamW
 from moe_lightning.kernels.cross_entropy import cross_entropy
 from moe_lightning.routing import Router, Routing
 
@@ -152,16 +152,9 @@ class MoELightningModule(LightningModule):
 
     @override
     def configure_optimizers(self) -> dict[str, Any]:
-        # The fused kernel updates every tensor in one pass; the default foreach path took a quarter of a
-        # whole-model step on an H200 (benchmarks/RESULTS.md). Lightning's mixed-precision plugin refuses to clip
-        # gradients for an optimizer that unscales them itself, as fused AdamW does, so clipping falls back to foreach.
-        trainer = self._trainer
-        clips_under_amp = (
-            trainer is not None and bool(trainer.gradient_clip_val)
-            and isinstance(trainer.precision_plugin, MixedPrecision)
-        )
-        fused = all(p.is_cuda for p in self.parameters()) and not clips_under_amp
-        optimizer = torch.optim.AdamW(self.param_groups(), betas=self.hparams.betas, fused=fused)
+        # torch's AdamW with a Triton step on CUDA: torch's own kernels took 18 of 137 ms of a whole-model step on
+        # an H200 (benchmarks/RESULTS.md). It does not unscale gradients itself, so AMP gradient clipping works.
+        optimizer = TritonAdamW(self.param_groups(), betas=self.hparams.betas)
         total = self.hparams.max_steps or int(self.trainer.estimated_stepping_batches)
         schedule = warmup_cosine(self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
