@@ -55,3 +55,16 @@ def matrices(layers: list[dict], key: str, ylabel: str, path: Path, row_names: l
             ax.set_yticks(range(len(row_names)), row_names, fontsize="small")
         fig.colorbar(image, ax=ax)
     return _save(fig, path)
+
+
+def time_and_load_shares(layers: list[dict], path: Path) -> str:
+    """One panel per layer: each expert's share of the layer's expert time beside its share of the routed rows (an
+    expert whose time share exceeds its load share costs more per routed row)."""
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), 3), squeeze=False)
+    for layer, ax in enumerate(axes[0]):
+        experts = np.arange(len(layers[layer]["load_share"]))
+        ax.bar(experts - 0.2, layers[layer]["expert_time_share"], width=0.4, label="time share")
+        ax.bar(experts + 0.2, layers[layer]["load_share"], width=0.4, label="load share")
+        ax.set(title=f"layer {layer}", xlabel="expert")
+    axes[0][-1].legend(fontsize="small")
+    return _save(fig, path)

@@ -73,6 +73,11 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
         images[f"Specialisation (label x top-1 expert) at step {last['step']}"] = plots.matrices(
             last["layers"], "label_expert", "label", out / "specialisation.png", label_names
         )
+    timed = all("expert_time_share" in layer for layer in last["layers"])
+    if timed:
+        images[f"Expert time share and load share at step {last['step']}"] = plots.time_and_load_shares(
+            last["layers"], out / "time_share.png"
+        )
     traces_dir = find_one(run_dir, TRACES_DIR)
     top_tokens = top_tokens_from_traces(load_traces(traces_dir)) if traces_dir is not None else {}
 
@@ -84,6 +89,8 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
         "final": {"step": last["step"], "layers": [{k: layer[k] for k in ("layer", *scalars)} for layer in last["layers"]]},
         "top_tokens": {str(layer): tokens for layer, tokens in top_tokens.items()},
     }
+    if timed:  # RouterStatsMonitor(time_experts=True): each expert's measured share of its layer's expert time
+        summary["final"]["expert_time_share"] = [layer["expert_time_share"] for layer in last["layers"]]
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "index.html").write_text(_html(summary, images, scalars))
     return out / "index.html"
