@@ -14,11 +14,17 @@ class UnknownLayerError(LookupError):
     pass
 
 
+PER_EXPERT = ("load", "load_share", "expert_time_share")
+"""Per-layer vectors of one value per expert; ``expert_time_share`` only where the monitor timed the experts."""
+
+
 def slim(record: dict) -> dict:
-    """The step and each layer's load and curves: the matrices stay on disk (L x E x E is large for 64 experts)."""
+    """The step and each layer's per-expert vectors and curves: the matrices stay on disk (L x E x E is large for 64
+    experts)."""
     return {
         "step": record["step"],
-        "layers": [{key: layer[key] for key in ("layer", "load", "load_share", *CURVES)} for layer in record["layers"]],
+        "layers": [{key: layer[key] for key in ("layer", *PER_EXPERT, *CURVES) if key in layer}
+                   for layer in record["layers"]],
     }
 
 
@@ -38,7 +44,8 @@ def _check_layer(records: list[dict], layer: int) -> int:
 
 
 def layer_series(records: list[dict], layer: int, start: int | None = None, end: int | None = None) -> dict:
-    """One layer's load share per step (``[steps, E]``) and its curves over ``[start, end]``."""
+    """One layer's load share per step (``[steps, E]``), its expert time share per step (``None`` at steps whose
+    experts were not timed) and its curves over ``[start, end]``."""
     _check_layer(records, layer)
     chosen = in_step_range(records, start, end)
     rows = [r["layers"][layer] for r in chosen]
@@ -46,6 +53,7 @@ def layer_series(records: list[dict], layer: int, start: int | None = None, end:
         "layer": layer,
         "steps": [r["step"] for r in chosen],
         "load_share": [row["load_share"] for row in rows],
+        "expert_time_share": [row.get("expert_time_share") for row in rows],
         **{name: [row[name] for row in rows] for name in CURVES},
     }
 

@@ -26,7 +26,7 @@ TRAIN_ARGS = [
     "--trainer.max_steps=100000", "--trainer.limit_val_batches=0", "--trainer.enable_checkpointing=false",
     "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
     '--trainer.callbacks=[{"class_path": "moe_lightning.callbacks.RouterStatsMonitor",'
-    ' "init_args": {"log_every_n_steps": 3}}]',
+    ' "init_args": {"log_every_n_steps": 3, "time_experts": true}}]',
     "--model.init_args.model.init_args.config.dim=32", "--model.init_args.model.init_args.config.expert_hidden_dim=32",
     f"--model.init_args.model.init_args.config.num_layers={NUM_LAYERS}",
     f"--model.init_args.model.init_args.config.num_experts={NUM_EXPERTS}",
@@ -144,6 +144,13 @@ def test_dashboard_shows_a_running_training_live(tmp_path):
             assert any(layer0[step] != layer2[step] for step in layer0.keys() & layer2.keys())
             nmi = points(page, "nmi")
             assert nmi and {step: dict(zip(api["steps"], api["nmi"]))[step] for step in nmi} == nmi
+            # Expert time shares (the run times its experts): one row per drawn step, the API's values.
+            page.wait_for_function("document.getElementById('time-share-title').textContent.endsWith('layer 2')")
+            drawn = page.eval_on_selector_all("#time-share rect[data-tip]", "rs => rs.map(r => +r.dataset.value)")
+            rows = len(drawn) // NUM_EXPERTS
+            assert rows >= 1 and len(drawn) == rows * NUM_EXPERTS
+            api_rows = [share for share in api["expert_time_share"] if share is not None]
+            assert drawn == pytest.approx([v for row in api_rows[:rows] for v in row])
 
             # The matrices of layer 2 over the chosen steps: every cell drawn, holding what the API sums for them.
             page.wait_for_function("document.getElementById('specialisation').dataset.layer === '2'")

@@ -131,6 +131,7 @@ function render() {
   $("layer-title").textContent = `Load share per step, layer ${layer}`;
   heatmap($("layer-heatmap"), rows.map((row) => row.load_share), steps.map((s) => `step ${s}`),
     (r, c, v) => `layer ${layer}, step ${steps[r]}, expert ${c}: load share ${fmt(v)}`, null, null);
+  drawTimeShare(records, layer);
   lines($("imbalance"), steps, [{ name: "max/mean", values: rows.map((row) => row.imbalance), colour: "#d62728" }],
     `layer ${layer}`);
   lines($("entropy"), steps, [
@@ -145,6 +146,19 @@ function render() {
     showNote($("nmi"), labelled ? "no NMI in the chosen steps" : "no labels in this run");
   }
   refreshMatrices();
+}
+
+// Each expert's share of the layer's expert time, at the steps whose experts RouterStatsMonitor timed.
+function drawTimeShare(records, layer) {
+  const timed = records.filter((r) => r.layers[layer].expert_time_share);
+  $("time-share-title").textContent = `Expert time share per step, layer ${layer}`;
+  if (!timed.length) {
+    showNote($("time-share"), "no expert timings in the chosen steps (RouterStatsMonitor time_experts: true)");
+    return;
+  }
+  heatmap($("time-share"), timed.map((r) => r.layers[layer].expert_time_share), timed.map((r) => `step ${r.step}`),
+    (r, c, v) => `layer ${layer}, step ${timed[r].step}, expert ${c}: time share ${fmt(v)}, load share `
+      + fmt(timed[r].layers[layer].load_share[c]), null, null);
 }
 
 // The matrices are summed by the server (the socket leaves them out): one request at a time, the latest choice wins.

@@ -1,10 +1,17 @@
-"""layer_matrices: the chosen layer's label x expert, co-occurrence and transition counts, summed over a step range."""
+"""The dashboard's views: a layer's label x expert, co-occurrence and transition counts summed over a step range, and the
+expert time shares it sends where the experts were timed."""
 
 import math
 
 import pytest
 
-from moe_lightning.dashboard.views import UnknownLayerError, layer_matrices
+from moe_lightning.dashboard.views import (
+    CURVES,
+    UnknownLayerError,
+    layer_matrices,
+    layer_series,
+    slim,
+)
 
 
 def layer(label_expert, cooccurrence):
@@ -96,3 +103,13 @@ def test_bad_layer_and_range_are_named():
         layer_matrices([], 0)
     with pytest.raises(ValueError, match="empty step range: start=3 > end=1"):
         layer_matrices(RECORDS, 0, start=3, end=1)
+
+
+def test_expert_time_shares_reach_the_page_where_the_experts_were_timed():
+    untimed = {"layer": 0, "load": [3, 1], "load_share": [0.75, 0.25], **dict.fromkeys(CURVES, 0.0)}
+    timed = {**untimed, "expert_time_share": [0.6, 0.4], "cooccurrence": [[3, 1], [1, 1]]}
+    records = [{"step": 1, "layers": [untimed]}, {"step": 2, "layers": [timed]}]
+    assert "expert_time_share" not in slim(records[0])["layers"][0]
+    assert slim(records[1])["layers"][0]["expert_time_share"] == [0.6, 0.4]
+    assert "cooccurrence" not in slim(records[1])["layers"][0]
+    assert layer_series(records, 0)["expert_time_share"] == [None, [0.6, 0.4]]
