@@ -69,12 +69,13 @@ class TritonAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        if not self._kernel_applies():
-            return super().step(closure)
         loss = None
-        if closure is not None:
+        if closure is not None:  # first: the gradients the kernel's checks look at are the closure's
             with torch.enable_grad():
                 loss = closure()
+        if not self._kernel_applies():
+            super().step()
+            return loss
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]

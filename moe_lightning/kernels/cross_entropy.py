@@ -70,6 +70,7 @@ class _TritonCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits_NV: Tensor, labels_N: Tensor, ignore_index: int) -> Tensor:
         if logits_NV.stride(-1) != 1:
             logits_NV = logits_NV.contiguous()
+        labels_N = labels_N.contiguous()  # the kernels index labels by row
         rows, vocab = logits_NV.shape
         lse_N = torch.empty(rows, device=logits_NV.device, dtype=torch.float32)
         loss_N = torch.empty_like(lse_N)

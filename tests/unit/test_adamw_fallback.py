@@ -20,3 +20,18 @@ def test_cpu_steps_are_torch_adamw():
     assert not ours_optimizer._kernel_applies()
     for p, q in zip(ours, theirs):
         assert torch.equal(p, q)
+
+
+def test_a_closure_runs_once_and_its_loss_is_returned():
+    param = torch.randn(3, requires_grad=True)
+    optimizer = TritonAdamW([param], lr=1e-2)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        loss = (param**2).sum()
+        loss.backward()
+        return loss
+
+    expected = float((param.detach() ** 2).sum())
+    assert float(optimizer.step(closure)) == expected and len(calls) == 1
