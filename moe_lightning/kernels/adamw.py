@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from moe_lightning.kernels.swiglu import HAS_TRITON
+from moe_lightning.kernels import HAS_TRITON
 
 if HAS_TRITON:
     import triton

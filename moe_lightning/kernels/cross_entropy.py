@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moe_lightning.kernels.swiglu import HAS_TRITON
+from moe_lightning.kernels import HAS_TRITON
 
 if HAS_TRITON:
     import triton

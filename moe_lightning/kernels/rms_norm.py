@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from moe_lightning.kernels.swiglu import HAS_TRITON
+from moe_lightning.kernels import HAS_TRITON
 
 MAX_FUSED_DIM = 16384
 """Rows wider than this take torch's RMSNorm: the kernels hold a whole row in registers."""

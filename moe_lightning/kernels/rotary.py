@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moe_lightning.kernels.swiglu import HAS_TRITON
+from moe_lightning.kernels import HAS_TRITON
 
 if HAS_TRITON:
     import triton

@@ -8,13 +8,11 @@ sigmoid from the saved ``h`` and writes ``grad_h`` directly in the fused layout.
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+from moe_lightning.kernels import HAS_TRITON
 
 if HAS_TRITON:
     import triton

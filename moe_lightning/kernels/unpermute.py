@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moe_lightning.kernels.swiglu import HAS_TRITON
+from moe_lightning.kernels import HAS_TRITON
 
 
 def weighted_gather_sum_reference(x_ND: Tensor, inverse_N: Tensor, weight_TK: Tensor | None, k: int) -> Tensor:

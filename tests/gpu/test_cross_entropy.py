@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moe_lightning.kernels import HAS_TRITON
 from moe_lightning.kernels.cross_entropy import cross_entropy
-from moe_lightning.kernels.swiglu import HAS_TRITON
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_TRITON, reason="needs triton")]
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
+from moe_lightning.kernels import HAS_TRITON
 from moe_lightning.kernels.rms_norm import MAX_FUSED_DIM, RMSNorm
-from moe_lightning.kernels.swiglu import HAS_TRITON
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_TRITON, reason="needs triton")]
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from moe_lightning.kernels import HAS_TRITON
 from moe_lightning.kernels.rotary import apply_rotary
-from moe_lightning.kernels.swiglu import HAS_TRITON
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_TRITON, reason="needs triton")]
 

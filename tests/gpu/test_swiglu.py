@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from moe_lightning.kernels.swiglu import HAS_TRITON, swiglu, swiglu_reference
+from moe_lightning.kernels import HAS_TRITON
+from moe_lightning.kernels.swiglu import swiglu, swiglu_reference
 
 pytestmark = pytest.mark.gpu
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moe_lightning.kernels.swiglu import HAS_TRITON
+from moe_lightning.kernels import HAS_TRITON
 from moe_lightning.kernels.unpermute import (
     weighted_gather_sum,
     weighted_gather_sum_backward,
