@@ -41,10 +41,10 @@ def flops_per_token(layers: int, seq: int) -> float:
     return 6 * active + 12 * layers * DIM * seq
 
 
-def ours(layers: int, seq: int) -> tuple[torch.nn.Module, Callable]:
+def ours(layers: int, seq: int, experts_implementation: str = "grouped_mm") -> tuple[torch.nn.Module, Callable]:
     config = MoETransformerConfig(
         vocab_size=VOCAB, dim=DIM, num_layers=layers, num_heads=HEADS, num_kv_heads=KV_HEADS, num_experts=EXPERTS,
-        expert_hidden_dim=EXPERT_HIDDEN, max_seq_len=seq, experts_implementation="grouped_mm",
+        expert_hidden_dim=EXPERT_HIDDEN, max_seq_len=seq, experts_implementation=experts_implementation,
     )
     model = MoETransformer(config, router=functools.partial(TopKRouter, num_experts_per_token=TOP_K))
     model = model.cuda().bfloat16()
@@ -140,6 +140,7 @@ def main() -> None:
         "ours": (functools.partial(ours, args.layers, args.seq), triton_adamw),
         "HF grouped_mm": (hf_grouped, torch_fused_adamw),
         "HF grouped_mm + our AdamW": (hf_grouped, triton_adamw),
+        "ours, Triton grouped GEMM": (functools.partial(ours, args.layers, args.seq, "triton"), triton_adamw),
     }
     if not args.skip_hf_eager:
         runs["HF eager"] = (functools.partial(huggingface, args.layers, args.seq, "eager"), torch_fused_adamw)

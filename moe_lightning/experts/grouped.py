@@ -10,26 +10,27 @@ import math
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_lightning.experts.activations import Activation, activate, check_activation, input_width
+from moe_lightning.kernels.grouped_gemm import grouped_gemm, grouped_gemm_supported
+from moe_lightning.kernels.grouped_gemm import torch_grouped_mm as grouped_mm
 
-Implementation = Literal["auto", "grouped_mm", "loop"]
-IMPLEMENTATIONS = ("auto", "grouped_mm", "loop")
-
-# torch >= 2.10 exposes the public name; older releases only the private op with the same semantics.
-grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
+Implementation = Literal["auto", "triton", "grouped_mm", "loop"]
+IMPLEMENTATIONS = ("auto", "triton", "grouped_mm", "loop")
 
 
 class GroupedExperts(nn.Module):
     """E independent MLP experts stored as ``w_in_EDH`` (gate columns, then up columns) and ``w_down_EFD``.
 
     ``forward`` takes rows already sorted by expert (``tokens_per_expert_E[e]`` consecutive rows for
-    expert ``e``) and returns one output row per input row. Two implementations compute the same thing:
+    expert ``e``) and returns one output row per input row. Three implementations compute the same thing:
 
     - ``"grouped_mm"``: one ``torch grouped_mm`` per projection over all experts (the fast path on GPUs;
       gate and up share one GEMM, which keeps its tiles wide when F is small);
+    - ``"triton"``: the same two GEMMs from :mod:`moe_lightning.kernels.grouped_gemm`, autotuned per shape (bf16 on
+      CUDA); on an H100 or H200 they run at 0.8 to 1.0x torch's CUTLASS kernels (``benchmarks/grouped_gemm.py``),
+      so only on request;
     - ``"loop"``: a Python loop over experts with ordinary matmuls (the readable reference).
 
     ``"auto"`` picks grouped_mm wherever torch has a kernel for the input (any float dtype on the CPU, bf16
@@ -40,7 +41,7 @@ class GroupedExperts(nn.Module):
         dim: model dimension D.
         hidden_dim: expert hidden dimension F.
         activation: ``"swiglu"`` (gated) or ``"gelu"``.
-        implementation: ``"auto"``, ``"grouped_mm"`` or ``"loop"``.
+        implementation: ``"auto"``, ``"triton"``, ``"grouped_mm"`` or ``"loop"``.
         init_std: standard deviation of the normal initialisation.
     """
 
@@ -58,9 +59,7 @@ class GroupedExperts(nn.Module):
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got implementation={implementation!r}")
         if min(num_experts, dim, hidden_dim) < 1:
-            raise ValueError(
-                f"num_experts, dim and hidden_dim must be >= 1, got {num_experts=}, {dim=}, {hidden_dim=}"
-            )
+            raise ValueError(f"num_experts, dim and hidden_dim must be >= 1, got {num_experts=}, {dim=}, {hidden_dim=}")
         self.num_experts = num_experts
         self.dim = dim
         self.hidden_dim = hidden_dim
@@ -89,14 +88,13 @@ class GroupedExperts(nn.Module):
         dtype = compute_dtype(x_ND)
         x_ND = x_ND.to(dtype)
         w_in_EDH, w_down_EFD = self.w_in_EDH.to(dtype), self.w_down_EFD.to(dtype)
-        use_grouped = self.implementation == "grouped_mm" or (
-            self.implementation == "auto" and grouped_mm_supported(x_ND)
-        )
-        if use_grouped:
-            offsets_E = tokens_per_expert_E.cumsum(0).to(torch.int32)
-            h_NH = grouped_mm(x_ND, w_in_EDH, offs=offsets_E)
-            return grouped_mm(activate(h_NH, self.activation), w_down_EFD, offs=offsets_E)
-        return self._forward_loop(x_ND, tokens_per_expert_E, w_in_EDH, w_down_EFD)
+        implementation = resolve_implementation(self.implementation, x_ND, w_in_EDH, w_down_EFD)
+        if implementation == "loop":
+            return self._forward_loop(x_ND, tokens_per_expert_E, w_in_EDH, w_down_EFD)
+        gemm = grouped_gemm if implementation == "triton" else grouped_mm_with_ends
+        row_ends_E = tokens_per_expert_E.cumsum(0).to(torch.int32)
+        h_NH = gemm(x_ND, w_in_EDH, row_ends_E)
+        return gemm(activate(h_NH, self.activation), w_down_EFD, row_ends_E)
 
     def _forward_loop(self, x_ND: Tensor, tokens_per_expert_E: Tensor, w_in_EDH: Tensor, w_down_EFD: Tensor) -> Tensor:
         outputs = []
@@ -114,3 +112,19 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 def grouped_mm_supported(x: Tensor) -> bool:
     return x.device.type == "cpu" or x.dtype == torch.bfloat16
+
+
+def grouped_mm_with_ends(x_ND: Tensor, w_EKN: Tensor, row_ends_E: Tensor) -> Tensor:
+    return grouped_mm(x_ND, w_EKN, offs=row_ends_E)
+
+
+def resolve_implementation(implementation: Implementation, x_ND: Tensor, *weights_EKN: Tensor) -> Implementation:
+    """The implementation that runs ``implementation`` on these operands (``"auto"`` resolved as documented above)."""
+    if implementation == "triton" and not all(grouped_gemm_supported(x_ND, w) for w in weights_EKN):
+        raise ValueError(
+            "implementation='triton' needs contiguous bf16 CUDA operands with the inner dims divisible by 64, got "
+            f"x {x_ND.dtype} {tuple(x_ND.shape)} on {x_ND.device}, weights {[tuple(w.shape) for w in weights_EKN]}"
+        )
+    if implementation != "auto":
+        return implementation
+    return "grouped_mm" if grouped_mm_supported(x_ND) else "loop"

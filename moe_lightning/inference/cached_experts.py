@@ -28,9 +28,10 @@ from moe_lightning.experts.grouped import (
     GroupedExperts,
     Implementation,
     compute_dtype,
-    grouped_mm,
-    grouped_mm_supported,
+    grouped_mm_with_ends,
+    resolve_implementation,
 )
+from moe_lightning.kernels.grouped_gemm import grouped_gemm
 from moe_lightning.inference.expert_cache import EvictionPolicy, ExpertCache
 from moe_lightning.inference.expert_store import (
     ExpertStore,
@@ -45,7 +46,8 @@ class CachedExperts(nn.Module):
     Args:
         cache: the device slots and the store behind them.
         activation: ``"swiglu"`` or ``"gelu"``, as in the replaced :class:`GroupedExperts`.
-        implementation: ``"auto"``, ``"grouped_mm"`` or ``"loop"``, resolved exactly as :class:`GroupedExperts` does.
+        implementation: ``"auto"``, ``"triton"``, ``"grouped_mm"`` or ``"loop"``, resolved exactly as
+            :class:`GroupedExperts` does.
     """
 
     def __init__(self, cache: ExpertCache, activation: Activation = "swiglu", implementation: Implementation = "auto") -> None:
@@ -110,9 +112,7 @@ class CachedExperts(nn.Module):
         for e in range(1, len(counts_E)):
             starts_E[e] = starts_E[e - 1] + counts_E[e - 1]
         active = [e for e, count in enumerate(counts_E) if count > 0]
-        use_grouped = self.implementation == "grouped_mm" or (
-            self.implementation == "auto" and grouped_mm_supported(x_ND)
-        )
+        use_grouped = resolve_implementation(self.implementation, x_ND) != "loop"
         y_ND = x_ND.new_empty(x_ND.shape[0], cache.dim)
         for chunk in cache.plan(active):
             slots = cache.slots_for(chunk)
@@ -140,6 +140,8 @@ class CachedExperts(nn.Module):
         rows_per_slot_S = [0] * self.cache.capacity
         for slot, e in zip(slots, experts):
             rows_per_slot_S[slot] = counts_E[e]
-        offsets_S = torch.tensor(rows_per_slot_S, device=x_nD.device).cumsum(0).to(torch.int32)
-        h_nH = grouped_mm(x_nD, w_in_SDH, offs=offsets_S)
-        return grouped_mm(activate(h_nH, self.activation), w_down_SFD, offs=offsets_S)
+        row_ends_S = torch.tensor(rows_per_slot_S, device=x_nD.device).cumsum(0).to(torch.int32)
+        triton = resolve_implementation(self.implementation, x_nD, w_in_SDH, w_down_SFD) == "triton"
+        gemm = grouped_gemm if triton else grouped_mm_with_ends
+        h_nH = gemm(x_nD, w_in_SDH, row_ends_S)
+        return gemm(activate(h_nH, self.activation), w_down_SFD, row_ends_S)

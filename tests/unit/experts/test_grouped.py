@@ -74,3 +74,9 @@ def test_invalid_arguments_name_the_values():
         GroupedExperts(2, 8, 8, implementation="fast")
     with pytest.raises(ValueError, match="num_experts=0"):
         GroupedExperts(0, 8, 8)
+
+
+def test_triton_implementation_on_operands_it_cannot_take_names_them():
+    experts = GroupedExperts(2, 8, 8, implementation="triton")
+    with pytest.raises(ValueError, match=r"torch.float32 \(6, 8\) on cpu"):
+        experts(torch.randn(6, 8), torch.tensor([4, 2]))

@@ -83,7 +83,7 @@ def test_presets_build_on_the_meta_device(name):
         (dict(first_k_dense=5), "first_k_dense=5 and num_layers=3"),
         (dict(num_experts=0), "num_experts=0"),
         (dict(activation="relu"), "activation='relu'"),
-        (dict(experts_implementation="triton"), "'triton'"),
+        (dict(experts_implementation="cutlass"), "'cutlass'"),
     ],
 )
 def test_invalid_config_names_the_values(overrides, message):
