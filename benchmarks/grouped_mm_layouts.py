@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from benchmarks.timing import median_ms
-from moe_lightning.experts.grouped import grouped_mm
+from moe_lightning.kernels.grouped_gemm import torch_grouped_mm as grouped_mm
 
 EXPERTS = 64
 SHAPES = {  # rows (tokens x k), in, out

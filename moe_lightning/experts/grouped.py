@@ -7,14 +7,19 @@ H input-projection width (2F for SwiGLU: gate and up side by side, F for GELU).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from moe_lightning.experts.activations import Activation, activate, check_activation, input_width
-from moe_lightning.kernels.grouped_gemm import grouped_gemm, grouped_gemm_supported
-from moe_lightning.kernels.grouped_gemm import torch_grouped_mm as grouped_mm
+from moe_lightning.kernels.grouped_gemm import (
+    grouped_gemm,
+    grouped_gemm_supported,
+    grouped_gemm_weights_supported,
+    torch_grouped_mm,
+)
 
 Implementation = Literal["auto", "triton", "grouped_mm", "loop"]
 IMPLEMENTATIONS = ("auto", "triton", "grouped_mm", "loop")
@@ -29,8 +34,8 @@ class GroupedExperts(nn.Module):
     - ``"grouped_mm"``: one ``torch grouped_mm`` per projection over all experts (the fast path on GPUs;
       gate and up share one GEMM, which keeps its tiles wide when F is small);
     - ``"triton"``: the same two GEMMs from :mod:`moe_lightning.kernels.grouped_gemm`, autotuned per shape (bf16 on
-      CUDA); on an H100 or H200 they run at 0.8 to 1.0x torch's CUTLASS kernels (``benchmarks/grouped_gemm.py``),
-      so only on request;
+      CUDA, dim and hidden_dim multiples of 64, not under ``torch.compile``); on an H200 they run at 0.78 to 0.99x
+      torch's CUTLASS kernels (``benchmarks/grouped_gemm.py``), so only on request;
     - ``"loop"``: a Python loop over experts with ordinary matmuls (the readable reference).
 
     ``"auto"`` picks grouped_mm wherever torch has a kernel for the input (any float dtype on the CPU, bf16
@@ -91,7 +96,7 @@ class GroupedExperts(nn.Module):
         implementation = resolve_implementation(self.implementation, x_ND, w_in_EDH, w_down_EFD)
         if implementation == "loop":
             return self._forward_loop(x_ND, tokens_per_expert_E, w_in_EDH, w_down_EFD)
-        gemm = grouped_gemm if implementation == "triton" else grouped_mm_with_ends
+        gemm = grouped_gemm_for(implementation)
         row_ends_E = tokens_per_expert_E.cumsum(0).to(torch.int32)
         h_NH = gemm(x_ND, w_in_EDH, row_ends_E)
         return gemm(activate(h_NH, self.activation), w_down_EFD, row_ends_E)
@@ -115,16 +120,28 @@ def grouped_mm_supported(x: Tensor) -> bool:
 
 
 def grouped_mm_with_ends(x_ND: Tensor, w_EKN: Tensor, row_ends_E: Tensor) -> Tensor:
-    return grouped_mm(x_ND, w_EKN, offs=row_ends_E)
+    return torch_grouped_mm(x_ND, w_EKN, offs=row_ends_E)
 
 
-def resolve_implementation(implementation: Implementation, x_ND: Tensor, *weights_EKN: Tensor) -> Implementation:
+def resolve_implementation(
+    implementation: Implementation, x_ND: Tensor, w_in_EDH: Tensor, w_down_EFD: Tensor
+) -> Implementation:
     """The implementation that runs ``implementation`` on these operands (``"auto"`` resolved as documented above)."""
-    if implementation == "triton" and not all(grouped_gemm_supported(x_ND, w) for w in weights_EKN):
-        raise ValueError(
-            "implementation='triton' needs contiguous bf16 CUDA operands with the inner dims divisible by 64, got "
-            f"x {x_ND.dtype} {tuple(x_ND.shape)} on {x_ND.device}, weights {[tuple(w.shape) for w in weights_EKN]}"
-        )
+    if implementation == "triton":
+        # The down projection's input is the activation, a fresh contiguous tensor: only its weights can refuse.
+        if not (grouped_gemm_supported(x_ND, w_in_EDH) and grouped_gemm_weights_supported(w_down_EFD)):
+            raise ValueError(
+                "implementation='triton' needs contiguous bf16 CUDA operands with dim and hidden_dim divisible by 64, "
+                f"got x {x_ND.dtype} {tuple(x_ND.shape)} on {x_ND.device}, w_in {w_in_EDH.dtype} "
+                f"{tuple(w_in_EDH.shape)}, w_down {w_down_EFD.dtype} {tuple(w_down_EFD.shape)}"
+            )
+        if torch.compiler.is_compiling():
+            raise ValueError("implementation='triton' does not run under torch.compile; use 'auto' or 'grouped_mm'")
     if implementation != "auto":
         return implementation
     return "grouped_mm" if grouped_mm_supported(x_ND) else "loop"
+
+
+def grouped_gemm_for(implementation: Implementation) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """The grouped GEMM ``(x, w, row_ends) -> out`` of a resolved implementation other than ``"loop"``."""
+    return grouped_gemm if implementation == "triton" else grouped_mm_with_ends

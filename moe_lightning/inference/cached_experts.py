@@ -2,7 +2,7 @@
 
 Called like :class:`GroupedExperts` (``experts(x_ND, tokens_per_expert_E)``, rows sorted by expert), it reads the
 counts on the host (one sync, fine at inference), makes the experts that have rows resident in its
-:class:`ExpertCache`, and runs the same kernels on the same rows as the module it replaced: one ``grouped_mm`` per
+:class:`ExpertCache`, and runs the same kernels on the same rows as the module it replaced: one grouped GEMM per
 projection over the slot tensors (rows reordered by slot when the slots are not in expert order; experts without
 rows get empty groups), or the per-expert loop. On the CPU the output is bitwise equal to the GroupedExperts it
 replaced; on CUDA equal up to the grouped GEMM's choice of tiles.
@@ -19,6 +19,8 @@ H input-projection width.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -28,10 +30,9 @@ from moe_lightning.experts.grouped import (
     GroupedExperts,
     Implementation,
     compute_dtype,
-    grouped_mm_with_ends,
+    grouped_gemm_for,
     resolve_implementation,
 )
-from moe_lightning.kernels.grouped_gemm import grouped_gemm
 from moe_lightning.inference.expert_cache import EvictionPolicy, ExpertCache
 from moe_lightning.inference.expert_store import (
     ExpertStore,
@@ -112,20 +113,22 @@ class CachedExperts(nn.Module):
         for e in range(1, len(counts_E)):
             starts_E[e] = starts_E[e - 1] + counts_E[e - 1]
         active = [e for e, count in enumerate(counts_E) if count > 0]
-        use_grouped = resolve_implementation(self.implementation, x_ND) != "loop"
         y_ND = x_ND.new_empty(x_ND.shape[0], cache.dim)
         for chunk in cache.plan(active):
             slots = cache.slots_for(chunk)
             cache.wait_for(slots)
             w_in_SDH, w_down_SFD = cache.w_in_SDH.to(dtype), cache.w_down_SFD.to(dtype)
-            if use_grouped:
+            implementation = resolve_implementation(self.implementation, x_ND, w_in_SDH, w_down_SFD)
+            if implementation != "loop":
+                gemm = grouped_gemm_for(implementation)
                 whole = len(chunk) == len(active) and slots == sorted(slots)
                 if whole:  # slots in expert order: the rows are already in slot order
-                    return self._grouped(x_ND, slots, chunk, counts_E, w_in_SDH, w_down_SFD)
+                    return self._grouped(gemm, x_ND, slots, chunk, counts_E, w_in_SDH, w_down_SFD)
                 rows_n = torch.cat([
                     torch.arange(starts_E[e], starts_E[e] + counts_E[e]) for _, e in sorted(zip(slots, chunk))
                 ]).to(x_ND.device)
-                y_ND.index_copy_(0, rows_n, self._grouped(x_ND[rows_n], slots, chunk, counts_E, w_in_SDH, w_down_SFD))
+                y_nD = self._grouped(gemm, x_ND[rows_n], slots, chunk, counts_E, w_in_SDH, w_down_SFD)
+                y_ND.index_copy_(0, rows_n, y_nD)
             else:
                 for slot, e in zip(slots, chunk):
                     rows = slice(starts_E[e], starts_E[e] + counts_E[e])
@@ -133,15 +136,13 @@ class CachedExperts(nn.Module):
         return y_ND
 
     def _grouped(
-        self, x_nD: Tensor, slots: list[int], experts: list[int], counts_E: list[int], w_in_SDH: Tensor,
-        w_down_SFD: Tensor,
+        self, gemm: Callable[[Tensor, Tensor, Tensor], Tensor], x_nD: Tensor, slots: list[int], experts: list[int],
+        counts_E: list[int], w_in_SDH: Tensor, w_down_SFD: Tensor,
     ) -> Tensor:
         """One grouped GEMM per projection over all slots; ``x_nD`` holds the experts' rows in slot order."""
         rows_per_slot_S = [0] * self.cache.capacity
         for slot, e in zip(slots, experts):
             rows_per_slot_S[slot] = counts_E[e]
         row_ends_S = torch.tensor(rows_per_slot_S, device=x_nD.device).cumsum(0).to(torch.int32)
-        triton = resolve_implementation(self.implementation, x_nD, w_in_SDH, w_down_SFD) == "triton"
-        gemm = grouped_gemm if triton else grouped_mm_with_ends
         h_nH = gemm(x_nD, w_in_SDH, row_ends_S)
         return gemm(activate(h_nH, self.activation), w_down_SFD, row_ends_S)

@@ -40,7 +40,8 @@ class MoETransformerConfig:
     activation: Activation = "swiglu"
     """Expert and feed-forward activation: ``swiglu`` or ``gelu``."""
     experts_implementation: Implementation = "auto"
-    """Routed experts: ``grouped_mm``, ``loop`` (the reference), or ``auto`` (grouped_mm where torch has a kernel, else loop)."""
+    """Routed experts: ``grouped_mm``, ``triton`` (our grouped GEMM, bf16 on CUDA), ``loop`` (the reference), or ``auto``
+    (grouped_mm where torch has a kernel, else loop)."""
     tie_embeddings: bool = False
     """Share the input embedding with the output head."""
     max_seq_len: int = 2048
