@@ -115,7 +115,7 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def grouped_mm_supported(x: Tensor) -> bool:
+def torch_grouped_mm_supported(x: Tensor) -> bool:
     return x.device.type == "cpu" or x.dtype == torch.bfloat16
 
 
@@ -139,7 +139,7 @@ def resolve_implementation(
             raise ValueError("implementation='triton' does not run under torch.compile; use 'auto' or 'grouped_mm'")
     if implementation != "auto":
         return implementation
-    return "grouped_mm" if grouped_mm_supported(x_ND) else "loop"
+    return "grouped_mm" if torch_grouped_mm_supported(x_ND) else "loop"
 
 
 def grouped_gemm_for(implementation: Implementation) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
