@@ -16,9 +16,9 @@ from torch import Tensor, nn
 from moe_lightning.experts.activations import Activation, activate, check_activation, input_width
 from moe_lightning.kernels.grouped_gemm import (
     grouped_gemm,
+    grouped_gemm_reference,
     grouped_gemm_supported,
     grouped_gemm_weights_supported,
-    torch_grouped_mm,
 )
 
 Implementation = Literal["auto", "triton", "grouped_mm", "loop"]
@@ -119,10 +119,6 @@ def torch_grouped_mm_supported(x: Tensor) -> bool:
     return x.device.type == "cpu" or x.dtype == torch.bfloat16
 
 
-def grouped_mm_with_ends(x_ND: Tensor, w_EKN: Tensor, row_ends_E: Tensor) -> Tensor:
-    return torch_grouped_mm(x_ND, w_EKN, offs=row_ends_E)
-
-
 def resolve_implementation(
     implementation: Implementation, x_ND: Tensor, w_in_EDH: Tensor, w_down_EFD: Tensor
 ) -> Implementation:
@@ -144,4 +140,4 @@ def resolve_implementation(
 
 def grouped_gemm_for(implementation: Implementation) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     """The grouped GEMM ``(x, w, row_ends) -> out`` of a resolved implementation other than ``"loop"``."""
-    return grouped_gemm if implementation == "triton" else grouped_mm_with_ends
+    return grouped_gemm if implementation == "triton" else grouped_gemm_reference

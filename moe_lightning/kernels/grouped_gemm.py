@@ -33,6 +33,12 @@ from moe_lightning.kernels import HAS_TRITON
 # torch >= 2.10 exposes the public name; older releases only the private op with the same semantics.
 torch_grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
 
+
+def grouped_gemm_reference(x_MK: Tensor, w_GKN: Tensor, row_ends_G: Tensor) -> Tensor:
+    """torch's ``grouped_mm`` with :func:`grouped_gemm`'s arguments: the reference, and the path wherever the
+    kernels do not run."""
+    return torch_grouped_mm(x_MK, w_GKN, offs=row_ends_G.to(torch.int32))
+
 _BLOCK_M = 128
 """Rows per tile of the row kernel; each group's rows are cut into tiles of this many."""
 
@@ -270,4 +276,4 @@ def grouped_gemm(x_MK: Tensor, w_GKN: Tensor, row_ends_G: Tensor) -> Tensor:
         )
     if grouped_gemm_supported(x_MK, w_GKN):
         return _TritonGroupedGemm.apply(x_MK, w_GKN, row_ends_G.to(torch.int32))
-    return torch_grouped_mm(x_MK, w_GKN, offs=row_ends_G.to(torch.int32))
+    return grouped_gemm_reference(x_MK, w_GKN, row_ends_G)
