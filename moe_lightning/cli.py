@@ -184,7 +184,7 @@ def generate_main(args: list[str]) -> None:
 
 def quantize_main(args: list[str]) -> None:
     """``moe-lightning quantize CHECKPOINT --mode nf4 --output OUT.safetensors`` (see ``--help``)."""
-    from moe_lightning.inference.quantize_cli import quantize_main as run
+    from moe_lightning.inference.quantization.cli import quantize_main as run
 
     run(args)
 

@@ -10,7 +10,7 @@ import torch
 from moe_lightning.inference.export import load_safetensors
 from moe_lightning.inference.generate import Prompts, check_per_token_routing, generate
 from moe_lightning.inference.lightning_checkpoint import load_lightning_checkpoint
-from moe_lightning.inference.quantized_export import is_quantized_file, load_quantized
+from moe_lightning.inference.quantization.export import is_quantized_file, load_quantized
 from moe_lightning.models import MoETransformer
 
 

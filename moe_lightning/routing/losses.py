@@ -8,15 +8,27 @@ number of experts and any top-k; collapse onto one expert scores up to E.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from moe_lightning.routing.counting import count_per_bin
 
-if TYPE_CHECKING:
-    from moe_lightning.routing.base import Routing
+
+class RoutedRows(Protocol):
+    """What the balance losses read of a routing decision; :class:`~moe_lightning.routing.base.Routing` has it.
+
+    Declared here so that this module depends on nothing in ``routing`` but ``counting``: ``base`` imports the
+    losses, never the other way round.
+    """
+
+    token_idx_N: Tensor
+    expert_idx_N: Tensor
+    probs_TE: Tensor
+
+    @property
+    def num_experts(self) -> int: ...
 
 
 def _normalised_probs(probs_TE: Tensor) -> Tensor:
@@ -24,13 +36,15 @@ def _normalised_probs(probs_TE: Tensor) -> Tensor:
     return probs_TE / probs_TE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
 
 
-def _valid_rows(routing: Routing, valid_mask_T: Tensor | None) -> Tensor:
+def _valid_rows(routing: RoutedRows, valid_mask_T: Tensor | None) -> Tensor:
     if valid_mask_T is None:
         return routing.expert_idx_N
     return routing.expert_idx_N[valid_mask_T[routing.token_idx_N]]
 
 
-def load_balancing_loss(routing: Routing, num_experts_per_token: float, valid_mask_T: Tensor | None = None) -> Tensor:
+def load_balancing_loss(
+    routing: RoutedRows, num_experts_per_token: float, valid_mask_T: Tensor | None = None
+) -> Tensor:
     """Switch Transformer / GShard balance loss ``E * sum_e f_e * P_e``.
 
     ``f_e`` is the share of routed rows that went to expert ``e`` (not differentiable) and ``P_e`` the mean
@@ -57,7 +71,7 @@ def router_z_loss(logits_TE: Tensor, valid_mask_T: Tensor | None = None) -> Tens
 
 
 def sequence_aux_loss(
-    routing: Routing, num_experts_per_token: float, sequence_length: int, valid_mask_T: Tensor | None = None
+    routing: RoutedRows, num_experts_per_token: float, sequence_length: int, valid_mask_T: Tensor | None = None
 ) -> Tensor:
     """DeepSeek-V3 sequence-wise balance loss: the balance loss computed per sequence, averaged over sequences.
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from moe_lightning.experts import GroupedExperts
-from moe_lightning.inference.cached_experts import CachedExperts
+from moe_lightning.inference.offload.cached_experts import CachedExperts
 from moe_lightning.kernels import HAS_TRITON
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_TRITON, reason="needs triton")]

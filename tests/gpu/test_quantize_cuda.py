@@ -9,9 +9,9 @@ import torch
 
 from moe_lightning.experts import GroupedExperts
 from moe_lightning.experts.activations import activate
-from moe_lightning.inference.quantize import expert_weight_bytes, quantize_model
-from moe_lightning.inference.quantized_experts import QuantizedExperts
-from moe_lightning.inference.quantized_export import load_quantized, save_quantized
+from moe_lightning.inference.quantization.experts import QuantizedExperts
+from moe_lightning.inference.quantization.export import load_quantized, save_quantized
+from moe_lightning.inference.quantization.quantize import expert_weight_bytes, quantize_model
 from moe_lightning.models import MoETransformer, MoETransformerConfig
 
 pytestmark = pytest.mark.gpu

@@ -10,15 +10,15 @@ import torch
 from moe_lightning.analytics.counts import RoutingCounts
 from moe_lightning.experts.grouped import GroupedExperts
 from moe_lightning.inference import generate
-from moe_lightning.inference.cached_experts import CachedExperts
-from moe_lightning.inference.expert_cache import CacheStats, ExpertCache
-from moe_lightning.inference.expert_store import (
+from moe_lightning.inference.offload import hot_experts_from_stats, offload_experts
+from moe_lightning.inference.offload.cache import CacheStats, ExpertCache
+from moe_lightning.inference.offload.cached_experts import CachedExperts
+from moe_lightning.inference.offload.store import (
     DiskExpertStore,
     HostExpertStore,
     load_expert_stores,
     save_expert_stores,
 )
-from moe_lightning.inference.offload import hot_experts_from_stats, offload_experts
 from moe_lightning.layer import MoELayer
 from moe_lightning.routing import HashRouter, TopKRouter
 from tests.unit.inference.conftest import tiny_model

@@ -16,12 +16,22 @@ from torch import nn
 from moe_lightning.experts import GroupedExperts
 from moe_lightning.experts.activations import activate
 from moe_lightning.inference.export import export_safetensors, load_safetensors
-from moe_lightning.inference.quantization_config import QuantizationConfig
-from moe_lightning.inference.quantize import dense_linear_names, expert_weight_bytes, quantize_model, weight_bytes
-from moe_lightning.inference.quantize_cli import quantize_main
-from moe_lightning.inference.quantized_experts import QuantizedExperts
-from moe_lightning.inference.quantized_export import QUANTIZATION_KEY, is_quantized_file, load_quantized, save_quantized
-from moe_lightning.inference.quantized_linear import QuantizedLinear
+from moe_lightning.inference.quantization.cli import quantize_main
+from moe_lightning.inference.quantization.config import QuantizationConfig
+from moe_lightning.inference.quantization.experts import QuantizedExperts
+from moe_lightning.inference.quantization.export import (
+    QUANTIZATION_KEY,
+    is_quantized_file,
+    load_quantized,
+    save_quantized,
+)
+from moe_lightning.inference.quantization.linear import QuantizedLinear
+from moe_lightning.inference.quantization.quantize import (
+    dense_linear_names,
+    expert_weight_bytes,
+    quantize_model,
+    weight_bytes,
+)
 from moe_lightning.routing.base import Router
 
 from .conftest import tiny_model

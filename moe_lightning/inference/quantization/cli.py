@@ -17,9 +17,9 @@ from torch.utils.data import DataLoader
 from moe_lightning.data.windows import IGNORE_INDEX, ContiguousWindows
 from moe_lightning.experts.grouped import GroupedExperts
 from moe_lightning.inference.engine import load_model
-from moe_lightning.inference.quantization_config import COMPUTE_DTYPES, MODES, QuantizationConfig
-from moe_lightning.inference.quantize import expert_weight_bytes, quantize_model, weight_bytes
-from moe_lightning.inference.quantized_export import save_quantized
+from moe_lightning.inference.quantization.config import COMPUTE_DTYPES, MODES, QuantizationConfig
+from moe_lightning.inference.quantization.export import save_quantized
+from moe_lightning.inference.quantization.quantize import expert_weight_bytes, quantize_model, weight_bytes
 from moe_lightning.models import MoETransformer
 
 BYTE_VOCAB = 256

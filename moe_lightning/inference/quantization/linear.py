@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from moe_lightning.experts.grouped import compute_dtype
-from moe_lightning.inference.quantization_config import QuantizationConfig, as_config
-from moe_lightning.inference.quantized_matrices import QuantizedMatrices
+from moe_lightning.inference.quantization.config import QuantizationConfig, as_config
+from moe_lightning.inference.quantization.matrices import QuantizedMatrices
 
 
 class QuantizedLinear(nn.Module):

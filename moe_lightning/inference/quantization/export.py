@@ -27,11 +27,11 @@ from moe_lightning.inference.export import (
     transformer_of,
     write_model_file,
 )
-from moe_lightning.inference.quantization_config import QuantizationConfig
-from moe_lightning.inference.quantize import quantized_modules
-from moe_lightning.inference.quantized_experts import QuantizedExperts
-from moe_lightning.inference.quantized_linear import QuantizedLinear
-from moe_lightning.inference.quantized_matrices import import_bitsandbytes
+from moe_lightning.inference.quantization.config import QuantizationConfig
+from moe_lightning.inference.quantization.experts import QuantizedExperts
+from moe_lightning.inference.quantization.linear import QuantizedLinear
+from moe_lightning.inference.quantization.matrices import import_bitsandbytes
+from moe_lightning.inference.quantization.quantize import quantized_modules
 from moe_lightning.models import MoETransformer
 
 QUANTIZED_FORMAT = "moe_lightning.QuantizedMoETransformer/1"

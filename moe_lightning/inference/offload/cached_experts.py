@@ -33,8 +33,8 @@ from moe_lightning.experts.grouped import (
     grouped_gemm_for,
     resolve_implementation,
 )
-from moe_lightning.inference.expert_cache import EvictionPolicy, ExpertCache
-from moe_lightning.inference.expert_store import (
+from moe_lightning.inference.offload.cache import EvictionPolicy, ExpertCache
+from moe_lightning.inference.offload.store import (
     ExpertStore,
     HostExpertStore,
     check_store_matches,

@@ -14,9 +14,9 @@ from torch import nn
 
 from moe_lightning.experts.grouped import GroupedExperts
 from moe_lightning.experts.shared import SharedExperts
-from moe_lightning.inference.quantization_config import QuantizationConfig, as_config
-from moe_lightning.inference.quantized_experts import QuantizedExperts
-from moe_lightning.inference.quantized_linear import QuantizedLinear
+from moe_lightning.inference.quantization.config import QuantizationConfig, as_config
+from moe_lightning.inference.quantization.experts import QuantizedExperts
+from moe_lightning.inference.quantization.linear import QuantizedLinear
 from moe_lightning.layer import MoELayer
 from moe_lightning.routing.base import Router
 

@@ -34,8 +34,7 @@ from torch.utils.hooks import RemovableHandle
 
 from moe_lightning.analytics.counts import RoutingCounts
 from moe_lightning.experts.grouped import GroupedExperts
-from moe_lightning.inference.cached_experts import CachedExperts
-from moe_lightning.inference.expert_cache import (
+from moe_lightning.inference.offload.cache import (
     CacheStats,
     EvictionPolicy,
     ExpertCache,
@@ -44,7 +43,8 @@ from moe_lightning.inference.expert_cache import (
     resolve_capacity,
     resolve_count,
 )
-from moe_lightning.inference.expert_store import (
+from moe_lightning.inference.offload.cached_experts import CachedExperts
+from moe_lightning.inference.offload.store import (
     ExpertStore,
     HostExpertStore,
     check_store_matches,
@@ -137,7 +137,7 @@ def offload_experts(
         model: any module holding :class:`MoELayer` s with :class:`GroupedExperts`, e.g. a :class:`MoETransformer`.
         capacity: device slots per layer: an int >= 1 (clamped to the layer's experts) or a fraction in ``(0, 1]``
             of them, rounded up. A forward needing more experts than fit is processed in chunks
-            (see :mod:`moe_lightning.inference.cached_experts`).
+            (see :mod:`moe_lightning.inference.offload.cached_experts`).
         policy: ``"lru"`` or ``"lfu"`` (see :class:`ExpertCache`).
         store: ``"cpu"`` (host memory, pinned when CUDA is available); a directory path, where the experts are
             written one safetensors file each (see :func:`save_expert_stores`) and read back on demand; or one

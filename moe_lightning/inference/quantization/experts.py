@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 from moe_lightning.experts.activations import Activation, activate, check_activation, input_width
 from moe_lightning.experts.grouped import GroupedExperts, compute_dtype
-from moe_lightning.inference.quantization_config import QuantizationConfig, as_config
-from moe_lightning.inference.quantized_matrices import QuantizedMatrices
+from moe_lightning.inference.quantization.config import QuantizationConfig, as_config
+from moe_lightning.inference.quantization.matrices import QuantizedMatrices
 
 
 class QuantizedExperts(nn.Module):

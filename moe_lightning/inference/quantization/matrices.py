@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moe_lightning.inference.quantization_config import QuantizationConfig
+from moe_lightning.inference.quantization.config import QuantizationConfig
 
 NESTED_BLOCKSIZE = 256
 """Block size bitsandbytes uses for the second-level (double) quantisation of the absmax scales."""

@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from moe_lightning.inference.expert_store import ExpertStore
+from moe_lightning.inference.offload.store import ExpertStore
 
 EvictionPolicy = Literal["lru", "lfu"]
 POLICIES = ("lru", "lfu")
@@ -98,7 +98,7 @@ class ExpertCache:
     """``capacity`` device slots for the experts of one layer, filled from ``store``.
 
     Args:
-        store: where the experts live (see :mod:`moe_lightning.inference.expert_store`).
+        store: where the experts live (see :mod:`moe_lightning.inference.offload.store`).
         capacity: slots; an int in ``[1, E]`` (a larger int is clamped to E), or a fraction in ``(0, 1]`` of E,
             rounded up.
         policy: ``"lru"`` or ``"lfu"`` (see the module docstring).

@@ -1,0 +1,16 @@
+"""Quantised inference with bitsandbytes: the config, the quantised modules, quantize_model, and quantised files.
+
+``cli`` (``moe-lightning quantize``) is left out here: it loads models through the engine, which reads quantised
+files through this package.
+"""
+
+from moe_lightning.inference.quantization.config import QuantizationConfig
+from moe_lightning.inference.quantization.experts import QuantizedExperts
+from moe_lightning.inference.quantization.export import is_quantized_file, load_quantized, save_quantized
+from moe_lightning.inference.quantization.linear import QuantizedLinear
+from moe_lightning.inference.quantization.quantize import expert_weight_bytes, quantize_model, weight_bytes
+
+__all__ = [
+    "QuantizationConfig", "QuantizedExperts", "QuantizedLinear", "expert_weight_bytes", "is_quantized_file",
+    "load_quantized", "quantize_model", "save_quantized", "weight_bytes",
+]
