@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from moe_lightning.experts.activations import Activation, check_activation
 from moe_lightning.experts.grouped import IMPLEMENTATIONS, Implementation
+
+QKNorm = Literal["none", "head", "projection"]
+QK_NORMS: tuple[str, ...] = get_args(QKNorm)
 
 
 @dataclass
@@ -20,15 +24,26 @@ class MoETransformerConfig:
     num_layers: int = 4
     """Transformer blocks."""
     num_heads: int = 4
-    """Attention query heads; must divide ``dim``."""
+    """Attention query heads; must divide ``dim`` unless ``attention_head_dim`` is set."""
     num_kv_heads: int | None = None
     """Key/value heads for grouped-query attention; must divide ``num_heads``. None: same as ``num_heads``."""
+    attention_head_dim: int | None = None
+    """Width of each query/key/value head (Qwen3-MoE uses 128 at any ``dim``). None: ``dim / num_heads``. Read the
+    resolved width as ``head_dim``."""
+    qkv_bias: bool = False
+    """Give the query, key and value projections a bias (Qwen2, Qwen2-MoE); the output projection never has one."""
+    qk_norm: QKNorm = "none"
+    """RMSNorm on queries and keys before the rotary embedding: ``head`` over each head (Qwen3-MoE), ``projection``
+    over all heads of the projection together (OLMoE), ``none``."""
     num_experts: int = 8
     """Routed experts per MoE block."""
     expert_hidden_dim: int = 256
     """Hidden width of each routed expert."""
     num_shared_experts: int = 0
     """Always-on shared experts per MoE block (0: none)."""
+    shared_expert_hidden_dim: int | None = None
+    """Hidden width of each shared expert (Qwen2-MoE's need not be a multiple of ``expert_hidden_dim``). None: the
+    routed experts' ``expert_hidden_dim``."""
     shared_expert_gate: bool = False
     """Scale the shared experts' output by a learned per-token sigmoid gate (Qwen2-MoE)."""
     dense_hidden_dim: int | None = None
@@ -37,6 +52,9 @@ class MoETransformerConfig:
     """After the first dense blocks, every ``moe_every``-th block is MoE (1: all of them)."""
     first_k_dense: int = 0
     """The first ``first_k_dense`` blocks use a dense feed-forward (DeepSeek-V3 keeps three)."""
+    moe_layers: list[int] | None = None
+    """The indices of the MoE blocks, the others dense (``[]``: a dense model). None: placed by ``first_k_dense`` and
+    ``moe_every``, which must then keep their defaults."""
     activation: Activation = "swiglu"
     """Expert and feed-forward activation: ``swiglu`` or ``gelu``."""
     experts_implementation: Implementation = "auto"
@@ -60,14 +78,24 @@ class MoETransformerConfig:
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {name}={value}")
-        if self.dim % self.num_heads != 0:
-            raise ValueError(f"dim must be divisible by num_heads, got dim={self.dim} and num_heads={self.num_heads}")
+        for name in ("attention_head_dim", "shared_expert_hidden_dim"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 (or None), got {name}={value}")
+        if self.attention_head_dim is None and self.dim % self.num_heads != 0:
+            raise ValueError(
+                f"dim must be divisible by num_heads (or set attention_head_dim), got dim={self.dim} and "
+                f"num_heads={self.num_heads}"
+            )
         if self.num_heads % self.kv_heads != 0:
             raise ValueError(
                 f"num_kv_heads must divide num_heads, got num_kv_heads={self.num_kv_heads} and num_heads={self.num_heads}"
             )
         if self.head_dim % 2 != 0:
-            raise ValueError(f"rotary embeddings need an even head dim, got dim / num_heads = {self.head_dim}")
+            raise ValueError(f"rotary embeddings need an even head dim, got head_dim={self.head_dim}")
+        if self.qk_norm not in QK_NORMS:
+            raise ValueError(f"qk_norm must be one of {QK_NORMS}, got qk_norm={self.qk_norm!r}")
+        self._check_moe_layers()
         if not 0 <= self.first_k_dense <= self.num_layers:
             raise ValueError(
                 f"first_k_dense must be in [0, num_layers], got first_k_dense={self.first_k_dense} "
@@ -80,9 +108,25 @@ class MoETransformerConfig:
                 f"experts_implementation must be one of {IMPLEMENTATIONS}, got {self.experts_implementation!r}"
             )
 
+    def _check_moe_layers(self) -> None:
+        if self.moe_layers is None:
+            return
+        if self.first_k_dense != 0 or self.moe_every != 1:
+            raise ValueError(
+                f"moe_layers={self.moe_layers} places the MoE blocks itself: leave first_k_dense={self.first_k_dense} "
+                f"and moe_every={self.moe_every} at 0 and 1"
+            )
+        outside = [i for i in self.moe_layers if not 0 <= i < self.num_layers]
+        if outside or len(set(self.moe_layers)) != len(self.moe_layers):
+            raise ValueError(
+                f"moe_layers must be distinct indices in [0, num_layers={self.num_layers}), got "
+                f"moe_layers={self.moe_layers}"
+            )
+
     @property
     def head_dim(self) -> int:
-        return self.dim // self.num_heads
+        """Width of each attention head: ``attention_head_dim`` or ``dim / num_heads``."""
+        return self.dim // self.num_heads if self.attention_head_dim is None else self.attention_head_dim
 
     @property
     def kv_heads(self) -> int:
@@ -92,7 +136,14 @@ class MoETransformerConfig:
     def ffn_hidden_dim(self) -> int:
         return 4 * self.dim if self.dense_hidden_dim is None else self.dense_hidden_dim
 
+    @property
+    def shared_hidden_dim(self) -> int:
+        """Hidden width of each shared expert: ``shared_expert_hidden_dim`` or ``expert_hidden_dim``."""
+        return self.expert_hidden_dim if self.shared_expert_hidden_dim is None else self.shared_expert_hidden_dim
+
     def is_moe_layer(self, layer_idx: int) -> bool:
+        if self.moe_layers is not None:
+            return layer_idx in self.moe_layers
         return layer_idx >= self.first_k_dense and (layer_idx - self.first_k_dense) % self.moe_every == 0
 
     @classmethod

@@ -1,7 +1,8 @@
 """MoETransformer: a decoder-only language model with RMSNorm, RoPE, causal SDPA attention (GQA) and MoE blocks.
 
 Shape legend: B batch, L sequence length, D model dim, H query heads, G key/value heads, Dh head dim, V vocab,
-S key/value cache slots, F rotary frequencies (Dh / 2).
+S key/value cache slots, F rotary frequencies (Dh / 2), Q query projection width (H * Dh), K key projection width
+(G * Dh).
 """
 
 from __future__ import annotations
@@ -49,12 +50,27 @@ class RotaryEmbedding(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head attention with grouped key/value heads; ``kv_proj`` holds the key rows, then the value rows.
+
+    Optional, per the config: q/k/v biases, and RMSNorm of queries and keys (per head or over the whole projection)
+    before the rotary embedding.
+    """
+
     def __init__(self, config: MoETransformerConfig) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.kv_heads, config.head_dim
-        self.q_proj = nn.Linear(config.dim, self.num_heads * self.head_dim, bias=False)
-        self.kv_proj = nn.Linear(config.dim, 2 * self.num_kv_heads * self.head_dim, bias=False)
+        self.q_proj = nn.Linear(config.dim, self.num_heads * self.head_dim, bias=config.qkv_bias)
+        self.kv_proj = nn.Linear(config.dim, 2 * self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.dim, bias=False)
+        self.norm_per_head = config.qk_norm == "head"
+        self.q_norm = self.k_norm = None
+        if config.qk_norm != "none":
+            q_width, k_width = (
+                (self.head_dim, self.head_dim) if self.norm_per_head
+                else (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim)
+            )
+            self.q_norm = RMSNorm(q_width, eps=config.norm_eps)
+            self.k_norm = RMSNorm(k_width, eps=config.norm_eps)
 
     def forward(
         self, x_BLD: Tensor, rope: RotaryEmbedding, positions: Tensor,
@@ -63,9 +79,16 @@ class CausalSelfAttention(nn.Module):
         """Causal attention over ``x_BLD``; with a ``cache``, over the cached slots too (``attn_mask_B1LS`` from
         :meth:`KVCache.extend`), storing this call's keys and values as layer ``layer_idx``."""
         batch, length, _ = x_BLD.shape
-        q_BHLDh = self.q_proj(x_BLD).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k_BLGDh, v_BLGDh = self.kv_proj(x_BLD).view(batch, length, 2 * self.num_kv_heads, self.head_dim).chunk(2, dim=2)
-        k_BGLDh, v_BGLDh = k_BLGDh.transpose(1, 2), v_BLGDh.transpose(1, 2)
+        q_BLQ = self.q_proj(x_BLD)
+        k_BLK, v_BLK = self.kv_proj(x_BLD).chunk(2, dim=-1)
+        if self.q_norm is not None and not self.norm_per_head:
+            q_BLQ, k_BLK = self.q_norm(q_BLQ), self.k_norm(k_BLK)
+        q_BLHDh = q_BLQ.view(batch, length, self.num_heads, self.head_dim)
+        k_BLGDh = k_BLK.view(batch, length, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.norm_per_head:
+            q_BLHDh, k_BLGDh = self.q_norm(q_BLHDh), self.k_norm(k_BLGDh)
+        q_BHLDh, k_BGLDh = q_BLHDh.transpose(1, 2), k_BLGDh.transpose(1, 2)
+        v_BGLDh = v_BLK.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q_BHLDh, k_BGLDh = rope(q_BHLDh, positions), rope(k_BGLDh, positions)
         gqa = self.num_kv_heads != self.num_heads
         if cache is None:
@@ -79,20 +102,25 @@ class CausalSelfAttention(nn.Module):
         return self.o_proj(out_BHLDh.transpose(1, 2).reshape(batch, length, -1))
 
 
+def build_attention(config: MoETransformerConfig) -> nn.Module:
+    """The attention module of one block, as the config chooses."""
+    return CausalSelfAttention(config)
+
+
 class TransformerBlock(nn.Module):
     """Pre-norm block: attention, then either an :class:`MoELayer` or a dense :class:`FeedForward`."""
 
     def __init__(self, config: MoETransformerConfig, layer_idx: int, router: RouterFactory) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(config.dim, eps=config.norm_eps)
-        self.attn = CausalSelfAttention(config)
+        self.attn = build_attention(config)
         self.ffn_norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.ffn: MoELayer | FeedForward
         if config.is_moe_layer(layer_idx):
             shared = None
             if config.num_shared_experts > 0:
                 shared = SharedExperts(
-                    config.dim, config.expert_hidden_dim, config.num_shared_experts, config.activation,
+                    config.dim, config.shared_hidden_dim, config.num_shared_experts, config.activation,
                     gated=config.shared_expert_gate,
                 )
             experts = GroupedExperts(
@@ -153,6 +181,8 @@ class MoETransformer(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=self.config.init_std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
 
     @property
     def moe_layers(self) -> list[MoELayer]:

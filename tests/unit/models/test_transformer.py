@@ -1,13 +1,17 @@
 """MoETransformer and its config: shapes, causality, layer placement, presets and validation."""
 
 import functools
+import json
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from moe_lightning import MoELayer
 from moe_lightning.experts import FeedForward
-from moe_lightning.models import PRESETS, MoETransformer, MoETransformerConfig
+from moe_lightning.inference.export import CONFIG_KEY, export_safetensors, load_safetensors
+from moe_lightning.models import PRESETS, KVCache, MoETransformer, MoETransformerConfig
 from moe_lightning.routing import HashRouter, TopKRouter
 
 SMALL = dict(vocab_size=64, dim=32, num_layers=3, num_heads=4, num_experts=4, expert_hidden_dim=32, max_seq_len=32)
@@ -100,3 +104,85 @@ def test_too_long_sequence_is_refused():
     model = MoETransformer(MoETransformerConfig(**SMALL))
     with pytest.raises(ValueError, match="sequence length 33 exceeds max_seq_len=32"):
         model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_explicit_moe_layers_place_the_blocks():
+    model = MoETransformer(MoETransformerConfig(**{**SMALL, "num_layers": 4}, moe_layers=[2, 0]))
+    assert [isinstance(block.ffn, MoELayer) for block in model.blocks] == [True, False, True, False]
+    dense = MoETransformer(MoETransformerConfig(**SMALL, moe_layers=[]))
+    assert dense.moe_layers == [] and dense(torch.randint(0, 64, (1, 5))).routings == []
+
+
+def test_head_dim_bias_and_norm_options_shape_the_attention():
+    config = MoETransformerConfig(**{**SMALL, "dim": 30}, num_kv_heads=2, attention_head_dim=6, qkv_bias=True,
+                                  qk_norm="head")
+    attn = MoETransformer(config).blocks[0].attn
+    assert attn.q_proj.weight.shape == (24, 30) and attn.kv_proj.weight.shape == (24, 30)
+    assert attn.q_proj.bias.shape == (24,) and attn.o_proj.bias is None and attn.o_proj.weight.shape == (30, 24)
+    assert attn.q_norm.weight.shape == (6,) and attn.k_norm.weight.shape == (6,)
+    projection = MoETransformer(MoETransformerConfig(**SMALL, num_kv_heads=2, qk_norm="projection")).blocks[0].attn
+    assert projection.q_norm.weight.shape == (32,) and projection.k_norm.weight.shape == (16,)
+
+
+def test_shared_expert_width_need_not_be_the_routed_width():
+    config = MoETransformerConfig(**SMALL, num_shared_experts=1, shared_expert_gate=True, shared_expert_hidden_dim=20)
+    shared = MoETransformer(config).blocks[0].ffn.shared_experts
+    assert shared.mlp.down_proj.weight.shape == (32, 20) and shared.gate is not None
+
+
+@pytest.mark.parametrize("qk_norm", ["head", "projection"])
+@torch.no_grad()
+def test_attention_options_decode_with_the_cache_like_the_full_forward(qk_norm):
+    """Prefill then one token at a time through the KV cache gives the logits of one full forward pass."""
+    torch.manual_seed(0)
+    config = MoETransformerConfig(**SMALL, num_kv_heads=2, attention_head_dim=10, qkv_bias=True, qk_norm=qk_norm)
+    model = MoETransformer(config).eval()
+    for module in model.modules():  # non-trivial biases and norm weights, so a misplaced one would show
+        if isinstance(module, torch.nn.Linear) and module.bias is not None:
+            torch.nn.init.normal_(module.bias, std=0.5)
+        if isinstance(module, torch.nn.RMSNorm):
+            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
+    ids = torch.randint(0, 64, (2, 9))
+    full = model(ids).logits
+    cache = KVCache.for_model(model, batch_size=2, max_len=9)
+    steps = [model(ids[:, :5], cache=cache).logits] + [model(ids[:, i:i + 1], cache=cache).logits for i in range(5, 9)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_a_config_written_before_the_attention_and_layer_options_still_loads(tmp_path):
+    """Files exported before attention_head_dim, qkv_bias, qk_norm, moe_layers and shared_expert_hidden_dim existed
+    carry a config without them; they load with the behaviour of that time."""
+    model = MoETransformer(MoETransformerConfig(**SMALL, first_k_dense=1)).eval()
+    path = tmp_path / "old.safetensors"
+    export_safetensors(model, path)
+    with safe_open(str(path), "pt") as f:
+        metadata, tensors = f.metadata(), {name: f.get_tensor(name) for name in f.keys()}
+    old_config = json.loads(metadata[CONFIG_KEY])
+    for name in ("attention_head_dim", "qkv_bias", "qk_norm", "moe_layers", "shared_expert_hidden_dim"):
+        del old_config[name]
+    save_file(tensors, str(path), metadata={**metadata, CONFIG_KEY: json.dumps(old_config)})
+    ids = torch.randint(0, 64, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(load_safetensors(path).eval()(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(attention_head_dim=0), "attention_head_dim=0"),
+        (dict(attention_head_dim=5), "head_dim=5"),
+        (dict(qk_norm="layer"), "qk_norm='layer'"),
+        (dict(shared_expert_hidden_dim=0), "shared_expert_hidden_dim=0"),
+        (dict(moe_layers=[0, 3]), r"num_layers=3\), got moe_layers=\[0, 3\]"),
+        (dict(moe_layers=[1, 1]), r"moe_layers=\[1, 1\]"),
+        (dict(moe_layers=[1], first_k_dense=1), "first_k_dense=1 and moe_every=1"),
+    ],
+)
+def test_invalid_new_options_name_the_values(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        MoETransformerConfig(**{**SMALL, **overrides})
+
+
+def test_attention_head_dim_frees_dim_from_dividing_by_num_heads():
+    assert MoETransformerConfig(**{**SMALL, "dim": 30}, attention_head_dim=8).head_dim == 8
+    assert MoETransformerConfig.from_preset("tiny", dim=64).head_dim == 16  # replace() re-derives the head dim
