@@ -121,8 +121,9 @@ class QuantizedMatrices(nn.Module):
                 self.nested_code_S.copy_(state.state2.code)
         return self
 
-    def quant_state(self, e: int) -> Any:
-        """bitsandbytes' ``QuantState`` of 4-bit matrix ``e`` (views of the buffers; dequantises to float32)."""
+    def quant_state(self, e: int, shape: tuple[int, ...] | None = None) -> Any:
+        """bitsandbytes' ``QuantState`` of 4-bit matrix ``e`` (views of the buffers; dequantises to float32), for the
+        matrix's ``[N, K]`` shape or another ``shape`` of the same elements."""
         functional = import_bitsandbytes().functional
         nested = None
         if self.config.double_quant:
@@ -131,7 +132,7 @@ class QuantizedMatrices(nn.Module):
                 dtype=torch.float32,
             )
         return functional.QuantState(
-            absmax=self.absmax_EB[e], shape=torch.Size((self.out_features, self.in_features)), code=self.code_Q,
+            absmax=self.absmax_EB[e], shape=torch.Size(shape or (self.out_features, self.in_features)), code=self.code_Q,
             blocksize=self.config.blocksize, quant_type=self.config.mode, dtype=torch.float32,
             offset=self.offset_E[e] if nested is not None else None, state2=nested,
         )
@@ -140,7 +141,11 @@ class QuantizedMatrices(nn.Module):
         """Matrix ``e`` as float32 ``[N, K]``: exactly the weight the matmul uses (up to the compute dtype)."""
         functional = import_bitsandbytes().functional
         if self.config.is_4bit:
-            return functional.dequantize_4bit(self.packed_EP[e].view(-1, 1), self.quant_state(e))
+            # quantize_4bit blocks the flattened matrix; bitsandbytes' CPU dequantisation kernel (0.50) blocks each row
+            # on its own when K is not a multiple of the block size. A flat shape gives the same blocks everywhere.
+            flat = (self.out_features * self.in_features,)
+            w_flat = functional.dequantize_4bit(self.packed_EP[e].view(-1, 1), self.quant_state(e, flat))
+            return w_flat.view(self.out_features, self.in_features)
         return functional.int8_vectorwise_dequant(self.int8_ENK[e], self.scale_EN[e])
 
     def matmul(self, x_MK: Tensor, e: int) -> Tensor:
@@ -150,6 +155,8 @@ class QuantizedMatrices(nn.Module):
         bnb = import_bitsandbytes()
         if self.config.is_4bit:
             x_MK = x_MK.to(self.config.torch_compute_dtype or x_MK.dtype)
+            if x_MK.device.type == "cpu" and self.in_features % self.config.blocksize != 0:
+                return x_MK @ self.dequantize(e).to(x_MK.dtype).T  # the CPU kernel's row blocking, see dequantize()
             return bnb.matmul_4bit(x_MK, self.packed_EP[e].view(-1, 1), self.quant_state(e))
         state = bnb.MatmulLtState()
         state.CB, state.SCB = self.int8_ENK[e], self.scale_EN[e]

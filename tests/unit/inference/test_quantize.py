@@ -89,10 +89,12 @@ def dequantised_reference(experts, mode, options, x_ND, tokens_per_expert_E):
             h_nH = int8_reference_matmul(x_nD, w_in_HD, config.threshold)
             y_nD = int8_reference_matmul(activate(h_nH, experts.activation), w_down_DF, config.threshold)
         else:
+            # Round trips of the flattened weights: bitsandbytes' CPU kernel dequantises a 2-D matrix in per-row blocks,
+            # which differ from quantize_4bit's when a row is not a whole number of blocks.
             w_in_HD, w_down_DF = (
                 functional.dequantize_4bit(*functional.quantize_4bit(
-                    w, blocksize=config.blocksize, compress_statistics=config.double_quant, quant_type=mode
-                ))
+                    w.reshape(-1), blocksize=config.blocksize, compress_statistics=config.double_quant, quant_type=mode
+                )).view(w.shape)
                 for w in (w_in_HD, w_down_DF)
             )
             y_nD = activate(x_nD @ w_in_HD.T, experts.activation) @ w_down_DF.T
