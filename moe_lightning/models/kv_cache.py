@@ -1,6 +1,7 @@
 """KVCache: preallocated attention keys and values of every layer, for incremental decoding.
 
-Shape legend: B batch, G key/value heads, S cache slots (``max_len``), Dh head dim, L tokens of one forward call.
+Shape legend: B batch, G key/value heads, S cache slots (``max_len``), Dh key head dim, Dv value head dim, L tokens
+of one forward call.
 """
 
 from __future__ import annotations
@@ -21,22 +22,30 @@ class KVCache:
         num_layers: attention layers (one key and one value buffer each).
         batch_size: B.
         num_kv_heads: G.
-        head_dim: Dh.
+        head_dim: Dh, of the keys.
         max_len: S, the slots per row: prompt (padded) plus generated tokens.
         dtype, device: of the buffers.
+        value_head_dim: Dv, of the values (latent attention's differ from its keys'); None: ``head_dim``.
     """
 
     def __init__(
         self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, max_len: int,
         dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+        value_head_dim: int | None = None,
     ) -> None:
+        value_head_dim = head_dim if value_head_dim is None else value_head_dim
         for name, value in (("num_layers", num_layers), ("batch_size", batch_size), ("num_kv_heads", num_kv_heads),
-                            ("head_dim", head_dim), ("max_len", max_len)):
+                            ("head_dim", head_dim), ("value_head_dim", value_head_dim), ("max_len", max_len)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {name}={value}")
-        shape = (batch_size, num_kv_heads, max_len, head_dim)
-        self.k_BGSDh = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v_BGSDh = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.k_BGSDh = [
+            torch.zeros(batch_size, num_kv_heads, max_len, head_dim, dtype=dtype, device=device)
+            for _ in range(num_layers)
+        ]
+        self.v_BGSDv = [
+            torch.zeros(batch_size, num_kv_heads, max_len, value_head_dim, dtype=dtype, device=device)
+            for _ in range(num_layers)
+        ]
         self.key_mask_BS = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         """True for slots holding a real (not padding) token."""
         self.num_real_B = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -109,10 +118,10 @@ class KVCache:
         attn_mask_BLS = (key_mask_BS[:, None, :] & causal_LS) | own_LS
         return positions_BL, attn_mask_BLS[:, None]
 
-    def update(self, layer_idx: int, k_BGLDh: Tensor, v_BGLDh: Tensor) -> tuple[Tensor, Tensor]:
+    def update(self, layer_idx: int, k_BGLDh: Tensor, v_BGLDv: Tensor) -> tuple[Tensor, Tensor]:
         """Store one layer's keys and values of the slots reserved by the last :meth:`extend`; return the keys and
-        values of every slot so far (``[B, G, length, Dh]`` views)."""
+        values of every slot so far (``[B, G, length, Dh]`` and ``[B, G, length, Dv]`` views)."""
         assert k_BGLDh.shape[2] == self.length - self._start, "update() must follow extend() for the same tokens"
         self.k_BGSDh[layer_idx][:, :, self._start : self.length] = k_BGLDh
-        self.v_BGSDh[layer_idx][:, :, self._start : self.length] = v_BGLDh
-        return self.k_BGSDh[layer_idx][:, :, : self.length], self.v_BGSDh[layer_idx][:, :, : self.length]
+        self.v_BGSDv[layer_idx][:, :, self._start : self.length] = v_BGLDv
+        return self.k_BGSDh[layer_idx][:, :, : self.length], self.v_BGSDv[layer_idx][:, :, : self.length]

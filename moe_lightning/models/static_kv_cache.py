@@ -6,7 +6,8 @@ written with ``index_copy_`` and attention always spans all S slots (unfilled on
 therefore has the same shapes and tensor addresses every time: it compiles once and replays as one CUDA graph.
 The price is attention over all S slots at every step, which is small next to the expert weights a step reads.
 
-Shape legend: B batch, G key/value heads, S cache slots (``max_len``), Dh head dim, L tokens of one forward call.
+Shape legend: B batch, G key/value heads, S cache slots (``max_len``), Dh key head dim, Dv value head dim, L tokens
+of one forward call.
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ class StaticKVCache(KVCache):
         self._slots_L = slots_L
         return positions_BL, attn_mask_B1LS
 
-    def update(self, layer_idx: int, k_BGLDh: Tensor, v_BGLDh: Tensor) -> tuple[Tensor, Tensor]:
+    def update(self, layer_idx: int, k_BGLDh: Tensor, v_BGLDv: Tensor) -> tuple[Tensor, Tensor]:
         """Store one layer's keys and values at the slots of the last :meth:`extend`; return all S slots."""
         self.k_BGSDh[layer_idx].index_copy_(2, self._slots_L, k_BGLDh.to(self.k_BGSDh[layer_idx].dtype))
-        self.v_BGSDh[layer_idx].index_copy_(2, self._slots_L, v_BGLDh.to(self.v_BGSDh[layer_idx].dtype))
-        return self.k_BGSDh[layer_idx], self.v_BGSDh[layer_idx]
+        self.v_BGSDv[layer_idx].index_copy_(2, self._slots_L, v_BGLDv.to(self.v_BGSDv[layer_idx].dtype))
+        return self.k_BGSDh[layer_idx], self.v_BGSDv[layer_idx]
