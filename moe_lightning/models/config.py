@@ -11,6 +11,10 @@ from moe_lightning.experts.grouped import IMPLEMENTATIONS, Implementation
 
 QKNorm = Literal["none", "head", "projection"]
 QK_NORMS: tuple[str, ...] = get_args(QKNorm)
+AttentionKind = Literal["softmax", "latent"]
+ATTENTION_KINDS: tuple[str, ...] = get_args(AttentionKind)
+LATENT_SIZES = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+"""The sizes latent attention needs (``q_lora_rank`` may stay None)."""
 
 
 @dataclass
@@ -35,6 +39,20 @@ class MoETransformerConfig:
     qk_norm: QKNorm = "none"
     """RMSNorm on queries and keys before the rotary embedding: ``head`` over each head (Qwen3-MoE), ``projection``
     over all heads of the projection together (OLMoE), ``none``."""
+    attention: AttentionKind = "softmax"
+    """``softmax``: multi-head attention with grouped key/value heads; ``latent``: multi-head latent attention
+    (DeepSeek-V2/V3), sized by the five fields below, with ``num_heads`` heads and no ``num_kv_heads``,
+    ``attention_head_dim``, ``qkv_bias`` or ``qk_norm``."""
+    q_lora_rank: int | None = None
+    """Latent attention: width of the query latent (DeepSeek-V3: 1536). None: queries projected directly."""
+    kv_lora_rank: int | None = None
+    """Latent attention: width of the key/value latent each token's keys and values are expanded from (512)."""
+    qk_nope_head_dim: int | None = None
+    """Latent attention: the position-free part of each query/key head (128)."""
+    qk_rope_head_dim: int | None = None
+    """Latent attention: the rotary part of each query head and of the key all heads share (64; even)."""
+    v_head_dim: int | None = None
+    """Latent attention: each value head (128)."""
     num_experts: int = 8
     """Routed experts per MoE block."""
     expert_hidden_dim: int = 256
@@ -82,6 +100,30 @@ class MoETransformerConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 (or None), got {name}={value}")
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got attention={self.attention!r}")
+        if self.attention == "latent":
+            self._check_latent_attention()
+        else:
+            self._check_softmax_attention()
+        self._check_moe_layers()
+        if not 0 <= self.first_k_dense <= self.num_layers:
+            raise ValueError(
+                f"first_k_dense must be in [0, num_layers], got first_k_dense={self.first_k_dense} "
+                f"and num_layers={self.num_layers}"
+            )
+        if self.num_shared_experts < 0:
+            raise ValueError(f"num_shared_experts must be >= 0, got num_shared_experts={self.num_shared_experts}")
+        if self.experts_implementation not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"experts_implementation must be one of {IMPLEMENTATIONS}, got {self.experts_implementation!r}"
+            )
+
+    def _check_softmax_attention(self) -> None:
+        sizes = {name: getattr(self, name) for name in ("q_lora_rank", *LATENT_SIZES)}
+        given = {name: value for name, value in sizes.items() if value is not None}
+        if given:
+            raise ValueError(f"{given} size latent attention: set attention='latent' or leave them None")
         if self.attention_head_dim is None and self.dim % self.num_heads != 0:
             raise ValueError(
                 f"dim must be divisible by num_heads (or set attention_head_dim), got dim={self.dim} and "
@@ -95,18 +137,24 @@ class MoETransformerConfig:
             raise ValueError(f"rotary embeddings need an even head dim, got head_dim={self.head_dim}")
         if self.qk_norm not in QK_NORMS:
             raise ValueError(f"qk_norm must be one of {QK_NORMS}, got qk_norm={self.qk_norm!r}")
-        self._check_moe_layers()
-        if not 0 <= self.first_k_dense <= self.num_layers:
+
+    def _check_latent_attention(self) -> None:
+        missing = [name for name in LATENT_SIZES if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"attention='latent' needs {missing} (got None)")
+        for name in ("q_lora_rank", *LATENT_SIZES):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {name}={value}")
+        if self.qk_rope_head_dim % 2 != 0:
             raise ValueError(
-                f"first_k_dense must be in [0, num_layers], got first_k_dense={self.first_k_dense} "
-                f"and num_layers={self.num_layers}"
+                f"rotary embeddings need an even qk_rope_head_dim, got qk_rope_head_dim={self.qk_rope_head_dim}"
             )
-        if self.num_shared_experts < 0:
-            raise ValueError(f"num_shared_experts must be >= 0, got num_shared_experts={self.num_shared_experts}")
-        if self.experts_implementation not in IMPLEMENTATIONS:
-            raise ValueError(
-                f"experts_implementation must be one of {IMPLEMENTATIONS}, got {self.experts_implementation!r}"
-            )
+        softmax_only = dict(num_kv_heads=(self.num_kv_heads, None), attention_head_dim=(self.attention_head_dim, None),
+                            qkv_bias=(self.qkv_bias, False), qk_norm=(self.qk_norm, "none"))
+        set_here = {name: value for name, (value, default) in softmax_only.items() if value != default}
+        if set_here:
+            raise ValueError(f"latent attention has no {set_here}: leave them at their defaults")
 
     def _check_moe_layers(self) -> None:
         if self.moe_layers is None:
@@ -131,6 +179,19 @@ class MoETransformerConfig:
     @property
     def kv_heads(self) -> int:
         return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """Width the rotary embedding turns: ``qk_rope_head_dim`` for latent attention, else ``head_dim``."""
+        return self.qk_rope_head_dim if self.attention == "latent" else self.head_dim
+
+    @property
+    def kv_cache_dims(self) -> tuple[int, int, int]:
+        """``(heads, key width, value width)`` each attention layer caches per token. Latent attention caches every
+        head's expanded key (``qk_nope_head_dim + qk_rope_head_dim``) and value (``v_head_dim``)."""
+        if self.attention == "latent":
+            return self.num_heads, self.qk_nope_head_dim + self.qk_rope_head_dim, self.v_head_dim
+        return self.kv_heads, self.head_dim, self.head_dim
 
     @property
     def ffn_hidden_dim(self) -> int:

@@ -60,9 +60,10 @@ class KVCache:
     ) -> KVCache:
         """A cache sized for a :class:`MoETransformer`, by default in the dtype and on the device of its weights."""
         config, weight = model.config, model.embed.weight
+        heads, key_dim, value_dim = config.kv_cache_dims
         return cls(
-            config.num_layers, batch_size, config.kv_heads, config.head_dim, max_len,
-            dtype=dtype or weight.dtype, device=device or weight.device,
+            config.num_layers, batch_size, heads, key_dim, max_len,
+            dtype=dtype or weight.dtype, device=device or weight.device, value_head_dim=value_dim,
         )
 
     @property

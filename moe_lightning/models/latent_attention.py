@@ -45,12 +45,11 @@ class LatentAttention(nn.Module):
         v_head_dim: V, each value head (may differ from ``N + R``).
         q_lora_rank: Cq, the width of a query latent (``q_down_proj``, RMSNorm, ``q_up_proj``, as in V3);
             None projects the queries directly with ``q_proj`` (as in V2-Lite).
-        bias: give ``q_down_proj``, ``kv_down_proj`` and ``o_proj`` a bias (DeepSeek's ``attention_bias``).
     """
 
     def __init__(
         self, dim: int, num_heads: int, kv_lora_rank: int, qk_nope_head_dim: int, qk_rope_head_dim: int,
-        v_head_dim: int, q_lora_rank: int | None = None, bias: bool = False,
+        v_head_dim: int, q_lora_rank: int | None = None,
     ) -> None:
         super().__init__()
         sizes = dict(dim=dim, num_heads=num_heads, kv_lora_rank=kv_lora_rank, qk_nope_head_dim=qk_nope_head_dim,
@@ -61,7 +60,9 @@ class LatentAttention(nn.Module):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {name}={value}")
         if qk_rope_head_dim % 2 != 0:
-            raise ValueError(f"rotary embeddings need an even qk_rope_head_dim, got qk_rope_head_dim={qk_rope_head_dim}")
+            raise ValueError(
+                f"rotary embeddings need an even qk_rope_head_dim, got qk_rope_head_dim={qk_rope_head_dim}"
+            )
         self.num_heads, self.kv_lora_rank, self.v_head_dim = num_heads, kv_lora_rank, v_head_dim
         self.qk_nope_head_dim, self.qk_rope_head_dim = qk_nope_head_dim, qk_rope_head_dim
         self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
@@ -73,13 +74,13 @@ class LatentAttention(nn.Module):
         if q_lora_rank is None:
             self.q_proj = nn.Linear(dim, q_width, bias=False)
         else:
-            self.q_down_proj = nn.Linear(dim, q_lora_rank, bias=bias)
+            self.q_down_proj = nn.Linear(dim, q_lora_rank, bias=False)
             self.q_norm = RMSNorm(q_lora_rank, eps=LATENT_NORM_EPS)
             self.q_up_proj = nn.Linear(q_lora_rank, q_width, bias=False)
-        self.kv_down_proj = nn.Linear(dim, kv_lora_rank + qk_rope_head_dim, bias=bias)
+        self.kv_down_proj = nn.Linear(dim, kv_lora_rank + qk_rope_head_dim, bias=False)
         self.kv_norm = RMSNorm(kv_lora_rank, eps=LATENT_NORM_EPS)
         self.kv_up_proj = nn.Linear(kv_lora_rank, num_heads * (qk_nope_head_dim + v_head_dim), bias=False)
-        self.o_proj = nn.Linear(num_heads * v_head_dim, dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * v_head_dim, dim, bias=False)
 
     def _queries(self, x_BLD: Tensor) -> Tensor:
         """Every head's query, ``[B, L, H * Q]``."""

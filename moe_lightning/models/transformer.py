@@ -20,6 +20,7 @@ from moe_lightning.kernels.rotary import apply_rotary
 from moe_lightning.layer import MoELayer
 from moe_lightning.models.config import MoETransformerConfig
 from moe_lightning.models.kv_cache import KVCache
+from moe_lightning.models.latent_attention import LatentAttention
 from moe_lightning.models.router_spec import router_spec
 from moe_lightning.routing import Router, Routing, TopKRouter
 
@@ -104,6 +105,11 @@ class CausalSelfAttention(nn.Module):
 
 def build_attention(config: MoETransformerConfig) -> nn.Module:
     """The attention module of one block, as the config chooses."""
+    if config.attention == "latent":
+        return LatentAttention(
+            config.dim, config.num_heads, config.kv_lora_rank, config.qk_nope_head_dim, config.qk_rope_head_dim,
+            config.v_head_dim, config.q_lora_rank,
+        )
     return CausalSelfAttention(config)
 
 
@@ -169,7 +175,7 @@ class MoETransformer(nn.Module):
         router = router or TopKRouter
         self.router_spec = router_spec(router)
         self.embed = nn.Embedding(config.vocab_size, config.dim)
-        self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.rope = RotaryEmbedding(config.rope_dim, config.max_seq_len, config.rope_theta)
         self.blocks = nn.ModuleList(TransformerBlock(config, i, router) for i in range(config.num_layers))
         self.norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)

@@ -16,9 +16,9 @@ ATTENTION_SIZES = dict(
 )
 
 
-def hf_attention(q_lora_rank, rope_interleave, attention_bias):
+def hf_attention(q_lora_rank, rope_interleave):
     config = ds.DeepseekV3Config(
-        **ATTENTION_SIZES, q_lora_rank=q_lora_rank, rope_interleave=rope_interleave, attention_bias=attention_bias,
+        **ATTENTION_SIZES, q_lora_rank=q_lora_rank, rope_interleave=rope_interleave,
         rope_parameters={"rope_type": "default", "rope_theta": 500.0},
     )
     config._attn_implementation = "eager"
@@ -26,19 +26,17 @@ def hf_attention(q_lora_rank, rope_interleave, attention_bias):
     attention = ds.DeepseekV3Attention(config, layer_idx=0)
     with torch.no_grad():
         for name, tensor in attention.named_parameters():
-            # Norm weights away from one, biases away from zero: every tensor must land in the right place.
+            # Norm weights away from one: every tensor must land in the right place.
             tensor.copy_(torch.randn_like(tensor) * (0.3 if tensor.dim() > 1 else 0.5) + (tensor.dim() == 1))
     return config, attention
 
 
-@pytest.mark.parametrize(
-    "q_lora_rank, rope_interleave, attention_bias", [(7, True, False), (None, True, True), (7, False, True)]
-)
-def test_latent_attention_matches_transformers_forward_and_backward(q_lora_rank, rope_interleave, attention_bias):
-    config, hf = hf_attention(q_lora_rank, rope_interleave, attention_bias)
+@pytest.mark.parametrize("q_lora_rank, rope_interleave", [(7, True), (None, True), (7, False)])
+def test_latent_attention_matches_transformers_forward_and_backward(q_lora_rank, rope_interleave):
+    config, hf = hf_attention(q_lora_rank, rope_interleave)
     ours = LatentAttention(
         config.hidden_size, config.num_attention_heads, config.kv_lora_rank, config.qk_nope_head_dim,
-        config.qk_rope_head_dim, config.v_head_dim, q_lora_rank, bias=attention_bias,
+        config.qk_rope_head_dim, config.v_head_dim, q_lora_rank,
     )
     hf_tensors = {name: tensor.detach() for name, tensor in hf.state_dict().items()}
     ours.load_state_dict(latent_attention_state(hf_tensors, ours, rope_interleave))

@@ -39,8 +39,8 @@ def half_from_interleaved(rope_dim: int) -> Tensor:
 
 
 def permute_rotary_rows(rows: Tensor, rope_dim: int, group: int, order: Tensor) -> Tensor:
-    """``rows`` (a weight ``[X, I]`` or bias ``[X]``) in groups of ``group`` rows whose last ``rope_dim`` are rotary,
-    with those reordered by ``order``: the query projections have one group per head, ``kv_down_proj`` one."""
+    """``rows`` (a weight ``[X, I]``) in groups of ``group`` rows whose last ``rope_dim`` are rotary, with those
+    reordered by ``order``: the query projections have one group per head, ``kv_down_proj`` one."""
     grouped = rows.reshape(-1, group, *rows.shape[1:])
     rotary = grouped[:, group - rope_dim :][:, order.to(rows.device)]
     return torch.cat((grouped[:, : group - rope_dim], rotary), dim=1).reshape(rows.shape)

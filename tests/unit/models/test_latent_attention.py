@@ -1,11 +1,13 @@
-"""LatentAttention: incremental decoding through both caches, the rotary layout conversion, validation."""
+"""LatentAttention: incremental decoding through both caches, the rotary layout conversion, validation; an
+MoETransformer built with it (config checks, greedy decoding through the eager and the compiled decoder)."""
 
 import math
 
 import pytest
 import torch
 
-from moe_lightning.models import KVCache, StaticKVCache
+from moe_lightning.inference import CompiledDecoder, generate
+from moe_lightning.models import KVCache, MoETransformer, MoETransformerConfig, StaticKVCache
 from moe_lightning.models.hf.deepseek_v3 import half_from_interleaved, permute_rotary_rows
 from moe_lightning.models.latent_attention import LatentAttention
 from moe_lightning.models.transformer import RotaryEmbedding
@@ -70,3 +72,50 @@ def test_bad_sizes_are_refused_by_name(overrides, match):
     sizes = dict(dim=24, num_heads=3, kv_lora_rank=10, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5)
     with pytest.raises(ValueError, match=match):
         LatentAttention(**{**sizes, **overrides})
+
+
+LATENT = dict(
+    vocab_size=64, dim=40, num_layers=2, num_heads=3, num_experts=4, expert_hidden_dim=16, first_k_dense=1,
+    max_seq_len=32, init_std=0.2, attention="latent", kv_lora_rank=10, qk_nope_head_dim=6, qk_rope_head_dim=4,
+    v_head_dim=5,
+)
+
+
+def test_latent_config_builds_latent_attention_with_the_rotary_on_its_rope_part():
+    model = MoETransformer(MoETransformerConfig(**LATENT, q_lora_rank=7))
+    assert all(isinstance(block.attn, LatentAttention) for block in model.blocks)
+    assert model.blocks[0].attn.q_down_proj.out_features == 7
+    assert model.rope.cos_LF.shape == (32, 2)
+    assert model.config.kv_cache_dims == (3, 10, 5)
+
+
+@pytest.mark.parametrize("q_lora_rank", [7, None])
+def test_greedy_generation_through_both_caches_equals_the_full_forward(q_lora_rank):
+    torch.manual_seed(0)
+    model = MoETransformer(MoETransformerConfig(**LATENT, q_lora_rank=q_lora_rank)).eval()
+    prompts = [[5, 9, 13, 2, 40], [7], [1, 2, 3]]
+    expected = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = list(prompt)
+            for _ in range(6):
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+            expected.append(ids[len(prompt):])
+    assert generate(model, prompts, 6) == expected
+    assert generate(model, prompts, 6, decoder=CompiledDecoder(model)) == expected
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(kv_lora_rank=None, v_head_dim=None), r"attention='latent' needs \['kv_lora_rank', 'v_head_dim'\]"),
+        (dict(qk_rope_head_dim=5), "even qk_rope_head_dim, got qk_rope_head_dim=5"),
+        (dict(q_lora_rank=0), "q_lora_rank must be >= 1, got q_lora_rank=0"),
+        (dict(num_kv_heads=1, qk_norm="head"), r"latent attention has no \{'num_kv_heads': 1, 'qk_norm': 'head'\}"),
+        (dict(attention="softmax", dim=48), r"\{'kv_lora_rank': 10, .*\} size latent attention"),
+        (dict(attention="linear"), "attention must be one of .*, got attention='linear'"),
+    ],
+)
+def test_latent_config_mistakes_are_refused_by_name(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        MoETransformerConfig(**{**LATENT, **overrides})
