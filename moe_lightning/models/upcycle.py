@@ -18,7 +18,7 @@ At ``g = 1`` this is plain upcycling: top-1 with weight 1, or top-k with renorma
 copies. Other routers are not analysed and need ``exact=False``. Noise on the copies departs from equality on
 purpose, by about ``noise_std`` relative to the weights.
 
-Shape legend: D model dim, F dense FFN hidden, f expert hidden (F / g), G slices (g), E experts,
+Shape legend: D model dim, F dense FFN hidden, f expert hidden (F / g), G slices (g), E experts, C copies (E / g),
 H expert input-projection width (2f gated, f otherwise).
 """
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -65,9 +66,9 @@ def upcycle(
         seed: seeds the noise.
         exact: refuse a router under which the result cannot equal ``dense`` at step 0 (noise aside).
     """
-    config, router, chosen, down_scale = _plan(dense, num_experts, router, granularity, layers, noise_std, exact)
-    moe = MoETransformer(config, router).to(device=dense.embed.weight.device, dtype=dense.embed.weight.dtype)
-    _copy_weights(dense, moe, chosen, granularity, down_scale, noise_std, seed)
+    plan = _plan(dense, num_experts, router, granularity, layers, noise_std, seed, exact)
+    moe = MoETransformer(plan.config, plan.router)
+    _copy_weights(dense, moe.to(device=dense.embed.weight.device, dtype=dense.embed.weight.dtype), plan)
     return moe
 
 
@@ -97,10 +98,9 @@ class UpcycledTransformer(MoETransformer):
                 f"dense_config={dense_config!r} and dense_checkpoint={dense_checkpoint!r}"
             )
         dense = MoETransformer(dense_config) if dense_checkpoint is None else load_dense(dense_checkpoint)
-        config, router, chosen, down_scale = _plan(dense, num_experts, router, granularity, layers, noise_std, exact)
-        super().__init__(config, router)
-        self.to(dtype=dense.embed.weight.dtype)
-        _copy_weights(dense, self, chosen, granularity, down_scale, noise_std, seed)
+        plan = _plan(dense, num_experts, router, granularity, layers, noise_std, seed, exact)
+        super().__init__(plan.config, plan.router)
+        _copy_weights(dense, self.to(dtype=dense.embed.weight.dtype), plan)
 
 
 def load_dense(path: str | Path) -> MoETransformer:
@@ -160,12 +160,24 @@ def split_feedforward(ffn: FeedForward, granularity: int) -> tuple[Tensor, Tenso
     return w_in_GDH, w_down_GfD
 
 
+class _Plan(NamedTuple):
+    """An upcycling checked against its dense model, before any weight moves."""
+
+    config: MoETransformerConfig
+    router: RouterFactory
+    layers: list[int]
+    granularity: int
+    down_scale: float
+    """Factor on the experts' down projections: ``g / routed_scaling_factor``."""
+    noise_std: float
+    seed: int
+
+
 def _plan(
     dense: MoETransformer, num_experts: int, router: RouterFactory | None, granularity: int,
-    layers: Sequence[int] | None, noise_std: float, exact: bool,
-) -> tuple[MoETransformerConfig, RouterFactory, list[int], float]:
-    """Validate everything before any weight moves: the upcycled config, the router factory, the chosen blocks and
-    the factor on the down projections."""
+    layers: Sequence[int] | None, noise_std: float, seed: int, exact: bool,
+) -> _Plan:
+    """Check every argument against ``dense`` (raising before any weight moves) and work out the upcycled config."""
     if not isinstance(dense, MoETransformer):
         raise TypeError(f"upcycle needs a MoETransformer, got {type(dense).__name__}")
     config = dense.config
@@ -196,29 +208,29 @@ def _plan(
     if exact:
         check_exact_at_step_0(probe, granularity)
     scaling = probe.routed_scaling_factor if isinstance(probe, TopKRouter) else 1.0
-    return upcycled, router, chosen, granularity / scaling
+    if scaling == 0:
+        raise ValueError(f"routed_scaling_factor={scaling} zeroes every upcycled block's output")
+    return _Plan(upcycled, router, chosen, granularity, granularity / scaling, noise_std, seed)
 
 
 @torch.no_grad()
-def _copy_weights(
-    dense: MoETransformer, moe: MoETransformer, chosen: list[int], granularity: int, down_scale: float,
-    noise_std: float, seed: int,
-) -> None:
-    upcycled_prefixes = tuple(f"blocks.{i}.ffn." for i in chosen)
+def _copy_weights(dense: MoETransformer, moe: MoETransformer, plan: _Plan) -> None:
+    granularity, noise_std = plan.granularity, plan.noise_std
+    upcycled_prefixes = tuple(f"blocks.{i}.ffn." for i in plan.layers)
     kept = {key: value for key, value in dense.state_dict().items() if not key.startswith(upcycled_prefixes)}
     missing, unexpected = moe.load_state_dict(kept, strict=False)
     assert not unexpected and all(key.startswith(upcycled_prefixes) for key in missing), (missing, unexpected)
-    generator = torch.Generator().manual_seed(seed)
-    for i in chosen:
+    generator = torch.Generator().manual_seed(plan.seed)
+    for i in plan.layers:
         layer = moe.blocks[i].ffn
         experts = layer.experts
         copies = experts.num_experts // granularity
         w_in_GDH, w_down_GfD = split_feedforward(dense.blocks[i].ffn, granularity)
         experts.w_in_EDH.copy_(_noisy(w_in_GDH.repeat(copies, 1, 1), noise_std, generator))
-        experts.w_down_EFD.copy_(_noisy(w_down_GfD.repeat(copies, 1, 1) * down_scale, noise_std, generator))
+        experts.w_down_EFD.copy_(_noisy(w_down_GfD.repeat(copies, 1, 1) * plan.down_scale, noise_std, generator))
         if isinstance(layer.router, TopKRouter) and granularity > 1:
             gate_CGD = layer.router.gate.weight.view(copies, granularity, -1)
-            gate_CGD.copy_(gate_CGD[:, :1].expand_as(gate_CGD))
+            gate_CGD.copy_(gate_CGD[:, :1].clone().expand_as(gate_CGD))
 
 
 def _noisy(w: Tensor, noise_std: float, generator: torch.Generator) -> Tensor:

@@ -134,12 +134,14 @@ def test_refused_settings_are_really_inexact_and_run_with_exact_false(num_expert
         ({}, dict(num_experts=4, layers=[1, 1]), ValueError, r"layers=\[1, 1\]"),
         ({}, dict(num_experts=4, layers=[]), ValueError, r"layers=\[\]"),
         ({}, dict(num_experts=4, noise_std=-0.1), ValueError, "noise_std=-0.1"),
-        ({}, dict(num_experts=8, router=topk(2), granularity=4), ValueError, "top_k=2 is not a multiple of granularity=4"),
+        ({}, dict(num_experts=8, router=topk(2), granularity=4), ValueError,
+         "top_k=2 is not a multiple of granularity=4"),
+        ({}, dict(num_experts=8, router=topk(2, routed_scaling_factor=0.0)), ValueError, "routed_scaling_factor=0"),
         ({}, dict(num_experts=8, router=topk(4, eval_capacity_factor=1.5)), ValueError, "eval_capacity_factor=1.5"),
         ({"first_k_dense": 1}, dict(num_experts=4), ValueError, r"blocks \[1, 2\] are already MoE"),
     ],
     ids=["experts-vs-g", "hidden-vs-g", "top-k", "no-experts", "layer-range", "layer-twice", "no-layers", "noise",
-         "top-k-vs-g", "eval-capacity", "already-moe"],
+         "top-k-vs-g", "zero-scaling", "eval-capacity", "already-moe"],
 )
 def test_bad_inputs_are_named(model_kwargs, upcycle_kwargs, error, message):
     dense = dense_model(**model_kwargs)
