@@ -88,6 +88,9 @@ class MoETransformerConfig:
     """RMSNorm epsilon."""
     init_std: float = 0.02
     """Standard deviation of the normal weight initialisation."""
+    hf_model_type: str | None = None
+    """The transformers family (``model_type``) the weights were imported from; :func:`export_hf` writes back to it
+    by default. It changes nothing in the computation."""
 
     def __post_init__(self) -> None:
         check_activation(self.activation)
