@@ -65,7 +65,6 @@ class GroupedExperts(nn.Module):
             raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got implementation={implementation!r}")
         if min(num_experts, dim, hidden_dim) < 1:
             raise ValueError(f"num_experts, dim and hidden_dim must be >= 1, got {num_experts=}, {dim=}, {hidden_dim=}")
-        self.num_experts = num_experts
         self.dim = dim
         self.hidden_dim = hidden_dim
         self.activation = activation
@@ -74,6 +73,11 @@ class GroupedExperts(nn.Module):
         self.w_in_EDH = nn.Parameter(torch.empty(num_experts, dim, input_width(activation, hidden_dim)))
         self.w_down_EFD = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.reset_parameters()
+
+    @property
+    def num_experts(self) -> int:
+        """The experts this module holds (a slice of the layer's after :meth:`keep_experts` or per-rank loading)."""
+        return self.w_in_EDH.shape[0]
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.w_in_EDH, std=self.init_std)
@@ -87,7 +91,6 @@ class GroupedExperts(nn.Module):
         for name, weight in list(self.named_parameters(recurse=False)):
             sliced = nn.Parameter(weight.detach()[start:stop].clone(), requires_grad=weight.requires_grad)
             setattr(self, name, sliced)
-        self.num_experts = stop - start
 
     def forward(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
         dtype = compute_dtype(x_ND)
