@@ -1,5 +1,7 @@
 """A tiny MoE model, a quiet CPU trainer and parameter snapshots for the fine-tuning tests."""
 
+import functools
+
 import torch
 from lightning.pytorch import LightningDataModule, Trainer
 
@@ -17,7 +19,7 @@ STEPS = 3
 def tiny_model(seed: int = 0, **overrides) -> MoETransformer:
     torch.manual_seed(seed)
     config = MoETransformerConfig(**{**CONFIG.__dict__, **overrides})
-    return MoETransformer(config, router=lambda dim, num_experts: TopKRouter(dim, num_experts, 2))
+    return MoETransformer(config, router=functools.partial(TopKRouter, num_experts_per_token=2))
 
 
 def tiny_module(model: MoETransformer | None = None, **kwargs) -> MoELightningModule:
