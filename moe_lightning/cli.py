@@ -182,6 +182,64 @@ def generate_main(args: list[str]) -> None:
     print(options.prompt + bytes(new_ids).decode(errors="replace") if options.prompt is not None else new_ids)
 
 
+HF_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def import_hf_main(args: list[str]) -> None:
+    """``moe-lightning import-hf DIR OUT [--dtype D]``: a transformers checkpoint directory (Mixtral, Qwen3-MoE,
+    Qwen2-MoE, OLMoE, Llama, Qwen2, Mistral) as one self-describing safetensors file for ``generate`` and ``serve``."""
+    parser = argparse.ArgumentParser(prog="moe-lightning import-hf", description=import_hf_main.__doc__)
+    parser.add_argument("directory", help="a save_pretrained directory: config.json and *.safetensors shards")
+    parser.add_argument("out", help="the .safetensors file to write")
+    parser.add_argument("--dtype", choices=sorted(HF_DTYPES), default=None, help="default: the checkpoint's")
+    options = parser.parse_args(args)
+    if Path(options.out).suffix != ".safetensors":
+        parser.error(f"OUT must be a .safetensors file, got {options.out}")
+    from moe_lightning.inference import export_safetensors
+
+    try:
+        from moe_lightning.models.hf import load_hf_model
+
+        model = load_hf_model(options.directory, HF_DTYPES.get(options.dtype))
+    except ModuleNotFoundError as error:
+        parser.error(f"{error.name} is missing: pip install 'moe-lightning[hf]'")
+    except ValueError as error:
+        parser.error(str(error))
+    export_safetensors(model, options.out)
+    print(f"imported: {options.directory} ({model.config.hf_model_type}) -> {options.out}")
+
+
+def export_hf_main(args: list[str]) -> None:
+    """``moe-lightning export-hf CHECKPOINT OUT_DIR [--family F]``: a model as a transformers checkpoint directory
+    (config.json + safetensors shards) that ``AutoModelForCausalLM.from_pretrained`` loads."""
+    parser = argparse.ArgumentParser(prog="moe-lightning export-hf", description=export_hf_main.__doc__)
+    parser.add_argument("checkpoint", help="a .safetensors export (e.g. from import-hf) or a Lightning .ckpt")
+    parser.add_argument("out_dir", help="the directory to write (must not exist or be empty)")
+    parser.add_argument("--family", default=None,
+                        help="the transformers model_type to write (default: the one the model was imported from)")
+    parser.add_argument("--config", default=None, help="a .ckpt run's config.yaml (default: found beside it)")
+    parser.add_argument("--max-shard-bytes", type=int, default=None, help="start a new shard past this size (5 GiB)")
+    options = parser.parse_args(args)
+    from moe_lightning.inference.engine import load_model
+    from moe_lightning.inference.quantization.export import is_quantized_file
+
+    checkpoint = Path(options.checkpoint)
+    if checkpoint.suffix == ".safetensors" and checkpoint.is_file() and is_quantized_file(checkpoint):
+        parser.error(f"{checkpoint} is quantized: export-hf writes float weights; export the unquantized model")
+    try:
+        from moe_lightning.models.hf import export_hf
+        from moe_lightning.models.hf.export import DEFAULT_MAX_SHARD_BYTES
+
+        model = load_model(checkpoint, options.config)
+        max_shard_bytes = DEFAULT_MAX_SHARD_BYTES if options.max_shard_bytes is None else options.max_shard_bytes
+        export_hf(model, options.out_dir, options.family, max_shard_bytes)
+    except ModuleNotFoundError as error:
+        parser.error(f"{error.name} is missing: pip install 'moe-lightning[hf]'")
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    print(f"exported: {options.out_dir}")
+
+
 def quantize_main(args: list[str]) -> None:
     """``moe-lightning quantize CHECKPOINT --mode nf4 --output OUT.safetensors`` (see ``--help``)."""
     from moe_lightning.inference.quantization.cli import quantize_main as run
@@ -198,7 +256,7 @@ def serve_main(args: list[str]) -> None:
 
 SUBCOMMANDS = {
     "report": report_main, "dashboard": dashboard_main, "export": export_main, "generate": generate_main,
-    "quantize": quantize_main, "serve": serve_main,
+    "quantize": quantize_main, "serve": serve_main, "import-hf": import_hf_main, "export-hf": export_hf_main,
 }
 
 
