@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.optim import Optimizer
 from torchmetrics import MeanMetric
 from typing_extensions import override
@@ -16,6 +17,7 @@ from typing_extensions import override
 from moe_lightning.analytics.load import max_mean_imbalance
 from moe_lightning.kernels.adamw import TritonAdamW
 from moe_lightning.kernels.cross_entropy import cross_entropy
+from moe_lightning.models.materialize import build_on_meta, materialize
 from moe_lightning.routing import Router, Routing
 
 IGNORE_INDEX = -100
@@ -32,11 +34,19 @@ class MoELightningModule(LightningModule):
 
     - :meth:`forward` to call a model with another signature;
     - :meth:`compute_loss` to change the objective;
-    - :meth:`configure_model` to build ``self.model`` lazily (pass ``model=None``), e.g. on the meta device;
+    - :meth:`configure_model` to build ``self.model`` another way (pass ``model=None``);
     - :meth:`param_groups` to change the optimizer groups.
 
+    Big models are built on the meta device and materialised in :meth:`configure_model`, each expert-parallel rank
+    holding only its own experts (never the whole model): pass ``pretrained`` (YAML: ``pretrained: DIR``) to start
+    from a checkpoint, or ``model`` as a function that builds the network to start from a fresh initialisation
+    (the same values as calling it on the CPU under the same seed).
+
     Args:
-        model: the network; ``None`` if a subclass builds it in :meth:`configure_model`.
+        model: the network; or a function building it (called on the meta device in :meth:`configure_model`);
+            ``None`` with ``pretrained``, or if a subclass builds it in :meth:`configure_model`.
+        pretrained: a transformers checkpoint directory or a ``.safetensors`` file of ``moe-lightning export`` to
+            start from; checked here, read per rank in :meth:`configure_model`.
         lr: peak learning rate of AdamW.
         router_lr: learning rate of router parameters; ``None``: same as ``lr``.
         weight_decay: AdamW decay of matrices (biases, norms and other 1-D tensors are not decayed).
@@ -49,7 +59,8 @@ class MoELightningModule(LightningModule):
 
     def __init__(
         self,
-        model: nn.Module | None = None,
+        model: nn.Module | Callable[[], nn.Module] | None = None,
+        pretrained: str | None = None,
         lr: float = 3e-4,
         router_lr: float | None = None,
         weight_decay: float = 0.1,
@@ -69,8 +80,16 @@ class MoELightningModule(LightningModule):
             raise ValueError(f"max_steps must be >= 1 or None, got max_steps={max_steps}")
         if not 0 <= min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got min_lr_ratio={min_lr_ratio}")
+        if model is not None and pretrained is not None:
+            raise ValueError(f"pass either model or pretrained, not both: got model={model!r} and pretrained={pretrained!r}")
+        self._pretrained = None
+        if pretrained is not None:
+            from moe_lightning.checkpoint.sources import open_pretrained  # imports the exporters and readers
+
+            self._pretrained = open_pretrained(pretrained)
         self.save_hyperparameters(ignore=["model"])
-        self.model = model
+        self._build_model = None if isinstance(model, nn.Module) else model
+        self.model = model if isinstance(model, nn.Module) else None
         self.val_loss = MeanMetric()
 
     # ----------------------------------------------------------------- hooks meant to be overridden
@@ -105,6 +124,19 @@ class MoELightningModule(LightningModule):
         ]
 
     # ----------------------------------------------------------------- Lightning hooks
+    @override
+    def configure_model(self) -> None:
+        """Build the model from ``pretrained`` or the ``model`` function on the meta device, then materialise it on
+        the strategy's device: experts ``[p * E / P, (p + 1) * E / P)`` only, on rank ``p`` of the device mesh's
+        ``expert_parallel`` dimension (all of them without one). Does nothing once ``self.model`` exists."""
+        if self.model is not None or (self._pretrained is None and self._build_model is None):
+            return
+        model, record = build_on_meta(self._build_model or self._pretrained.build_model)
+        ep_rank, ep_size = expert_parallel_coordinates(self.device_mesh)
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        materialize(model, record, self._pretrained, device=device, ep_rank=ep_rank, ep_size=ep_size)
+        self.model = model
+
     @override
     def setup(self, stage: str) -> None:
         if self.model is None:
@@ -186,6 +218,13 @@ class MoELightningModule(LightningModule):
                 f"vocab mismatch: the data produces token ids up to vocab_size={data_vocab} but the model's "
                 f"embedding has vocab_size={model_vocab}"
             )
+
+
+def expert_parallel_coordinates(mesh: DeviceMesh | None) -> tuple[int, int]:
+    """``(rank, size)`` of this process in the mesh's ``expert_parallel`` dimension; ``(0, 1)`` without one."""
+    if mesh is None or "expert_parallel" not in (mesh.mesh_dim_names or ()):
+        return 0, 1
+    return mesh["expert_parallel"].get_local_rank(), mesh["expert_parallel"].size()
 
 
 def unpack_output(output: Any) -> tuple[Tensor, list[Routing]]:

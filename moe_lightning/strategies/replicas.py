@@ -9,16 +9,24 @@ data-parallel replicas gives ``sum_r dL_r`` over all W ranks, and dividing by W 
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 
 @torch.no_grad()
-def broadcast_module_states(module: nn.Module, src: int = 0) -> None:
-    """Copy every parameter and buffer of global rank ``src`` to all ranks (before any sharding)."""
-    for tensor in [*module.parameters(), *module.buffers()]:
-        dist.broadcast(tensor.data, src=src)
+def broadcast_module_states(
+    module: nn.Module, skip: Collection[str] = (), only: Collection[str] | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> None:
+    """Copy the parameters and buffers (those in ``only`` if given, none in ``skip``) from the first rank of
+    ``group`` (None: global rank 0) to its other ranks."""
+    src = 0 if group is None else dist.get_global_rank(group, 0)
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if name not in skip and (only is None or name in only):
+            dist.broadcast(tensor.data, src=src, group=group)
 
 
 class GradientReducer:

@@ -34,11 +34,17 @@ def check_same_layout(module: nn.Module) -> None:
             )
 
 
+def holds_local_experts(module: nn.Module) -> bool:
+    """Whether some MoE layer already holds fewer experts than it routes to (this rank's slice)."""
+    return any(getattr(layer.experts, "num_experts", layer.num_experts) < layer.num_experts for _, layer in moe_layers(module))
+
+
 def shard_experts(module: nn.Module, ep_group: dist.ProcessGroup) -> list[str]:
     """Give this rank experts ``[p * E / P, (p + 1) * E / P)`` of every MoE layer and an all-to-all dispatcher.
 
-    Routers stay whole (every rank routes its own tokens over all E experts). Returns the names of the
-    sliced parameters, relative to ``module``.
+    Routers stay whole (every rank routes its own tokens over all E experts). Layers whose experts already are
+    this rank's slice (materialised per rank, see :func:`moe_lightning.models.materialize.materialize`) keep them.
+    Returns the names of the sliced parameters, relative to ``module``.
     """
     names = []
     for layer_name, layer in moe_layers(module):
@@ -48,8 +54,15 @@ def shard_experts(module: nn.Module, ep_group: dist.ProcessGroup) -> list[str]:
                 f"in {layer_name!r}"
             )
         dispatcher = AllToAllDispatcher(ep_group, layer.num_experts)
-        start = dispatcher.ep_rank * dispatcher.num_local_experts
-        layer.experts.keep_experts(start, start + dispatcher.num_local_experts)
+        held = layer.experts.num_experts
+        if held == layer.num_experts:
+            start = dispatcher.ep_rank * dispatcher.num_local_experts
+            layer.experts.keep_experts(start, start + dispatcher.num_local_experts)
+        elif held != dispatcher.num_local_experts:
+            raise ValueError(
+                f"{layer_name!r} holds {held} experts: neither all {layer.num_experts} nor this rank's "
+                f"{dispatcher.num_local_experts} of expert_parallel_size={dispatcher.ep_size}"
+            )
         layer.dispatcher = dispatcher
         prefix = f"{layer_name}.experts." if layer_name else "experts."
         names += [prefix + name for name, _ in layer.experts.named_parameters(recurse=False)]
