@@ -4,7 +4,9 @@ HF spellings (num_experts_per_tok, ...) live only in this package. Importing it 
 :data:`FAMILIES`.
 """
 
-from moe_lightning.models.hf import llama, mistral, mixtral, olmoe, qwen2, qwen2_moe, qwen3_moe  # noqa: F401  (register)
+from moe_lightning.models.hf import (  # noqa: F401  (each registers its family)
+    deepseek_v3, llama, mistral, mixtral, olmoe, qwen2, qwen2_moe, qwen3_moe,
+)
 from moe_lightning.models.hf.checkpoint import HFCheckpoint, load_hf_model
 from moe_lightning.models.hf.export import export_hf, hf_model_from_moe_transformer
 from moe_lightning.models.hf.family import FAMILIES, HFFamily

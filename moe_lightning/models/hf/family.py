@@ -53,6 +53,8 @@ class HFFamily:
     """Our config -> where each of our tensors lives in the family's checkpoints."""
     ignored_tensors: tuple[str, ...] = ()
     """Regular expressions of checkpoint tensors that are legitimately not read (e.g. multi-token-prediction heads)."""
+    fit_check: Callable[[MoETransformer], list[str]] | None = None
+    """The family's own :func:`fit_problems` (for what an :class:`Architecture` cannot say); None: the generic one."""
 
 
 FAMILIES: dict[str, HFFamily] = {}
@@ -124,6 +126,6 @@ def router_problems(model: MoETransformer, architecture: Architecture) -> list[s
 
 def check_fits(model: MoETransformer, family: HFFamily) -> None:
     """Raise a ValueError listing every setting of ``model`` that ``family`` cannot express."""
-    problems = fit_problems(model, family.architecture)
+    problems = family.fit_check(model) if family.fit_check else fit_problems(model, family.architecture)
     if problems:
         raise ValueError(f"the model does not fit {family.model_type}'s architecture: {problems}")
