@@ -12,10 +12,8 @@ ds = pytest.importorskip("transformers.models.deepseek_v3.modeling_deepseek_v3")
 from moe_lightning.inference import generate  # noqa: E402
 from moe_lightning.models import MoETransformer, MoETransformerConfig  # noqa: E402
 from moe_lightning.models.hf.checkpoint import load_hf_model  # noqa: E402
-from moe_lightning.models.hf.deepseek_v3 import FAMILY, fit_problems, latent_attention_map, to_config  # noqa: E402
-from moe_lightning.models.hf.export import (  # noqa: E402
-    DEFAULT_MAX_SHARD_BYTES, hf_config_of, hf_state_dict, write_shards,
-)
+from moe_lightning.models.hf.deepseek_v3 import fit_problems, latent_attention_map, to_config  # noqa: E402
+from moe_lightning.models.hf.export import export_hf  # noqa: E402
 from moe_lightning.models.latent_attention import LatentAttention  # noqa: E402
 from moe_lightning.models.transformer import RotaryEmbedding  # noqa: E402
 from moe_lightning.routing import TopKRouter  # noqa: E402
@@ -158,11 +156,8 @@ def test_export_loads_in_transformers_with_the_same_logits_and_tensors(tmp_path)
     saved_hf_model(tmp_path / "hf", 7)
     model = load_hf_model(tmp_path / "hf")
     assert fit_problems(model) == []
-    # export_hf's own fit check knows only the softmax-router families so far; this writes what it writes.
     out = tmp_path / "out"
-    out.mkdir()
-    hf_config_of(model, FAMILY).to_json_file(str(out / "config.json"))
-    write_shards(hf_state_dict(model, FAMILY), out, DEFAULT_MAX_SHARD_BYTES)
+    export_hf(model, out)
     from transformers import AutoModelForCausalLM
 
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()

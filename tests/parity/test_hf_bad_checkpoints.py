@@ -101,6 +101,8 @@ SMALL = dict(vocab_size=64, dim=32, num_layers=2, num_heads=4, num_experts=4, ex
         ("llama", {}, None, "2 of 2 blocks are MoE"),
         ("qwen2", dict(moe_layers=[]), None, "qkv_bias=False"),
         ("mixtral", {}, functools.partial(TopKRouter, expert_bias=True), "layer 0 router expert_bias=True"),
+        ("mixtral", dict(attention="latent", kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4),
+         None, "attention='latent' \\(the family has softmax attention\\)"),
     ],
 )
 def test_export_refuses_a_model_outside_the_family_and_writes_nothing(family, overrides, router, match, tmp_path):

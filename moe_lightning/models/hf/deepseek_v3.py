@@ -228,5 +228,5 @@ def router_settings(router: TopKRouter) -> dict[str, Any]:
 
 FAMILY = register_family(HFFamily(
     model_type=MODEL_TYPE, architecture_class=ARCHITECTURE_CLASS, architecture=Architecture(moe_blocks="any"),
-    to_config=to_config, to_hf_config=to_hf_config, tensor_map=deepseek_v3_tensor_map,
+    to_config=to_config, to_hf_config=to_hf_config, tensor_map=deepseek_v3_tensor_map, fit_check=fit_problems,
 ))

@@ -83,6 +83,8 @@ def fit_problems(model: MoETransformer, architecture: Architecture) -> list[str]
         problems.append(f"{num_moe} of {config.num_layers} blocks are MoE (the family is dense)")
     if config.activation != "swiglu":
         problems.append(f"activation={config.activation!r}")
+    if config.attention != "softmax":
+        return problems + [f"attention={config.attention!r} (the family has softmax attention)"]
     if config.qk_norm != architecture.qk_norm:
         problems.append(f"qk_norm={config.qk_norm!r} (the family has {architecture.qk_norm!r})")
     if architecture.qkv_bias is not None and config.qkv_bias != architecture.qkv_bias:
