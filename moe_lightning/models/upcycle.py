@@ -76,8 +76,9 @@ class UpcycledTransformer(MoETransformer):
     """A :class:`MoETransformer` upcycled at construction, for LightningCLI's ``model:`` slot (which needs a class).
 
     The dense model is either built fresh from ``dense_config`` (random weights) or loaded from
-    ``dense_checkpoint``: a ``.safetensors`` file from :func:`moe_lightning.inference.export_safetensors`. The other
-    arguments are those of :func:`upcycle`. An export of this model loads back as a plain :class:`MoETransformer`.
+    ``dense_checkpoint`` (see :func:`load_dense`): a transformers checkpoint directory of a dense family, or a
+    ``.safetensors`` file of :func:`moe_lightning.inference.export_safetensors`. The other arguments are those of
+    :func:`upcycle`. An export of this model loads back as a plain :class:`MoETransformer`.
     """
 
     def __init__(
@@ -104,13 +105,22 @@ class UpcycledTransformer(MoETransformer):
 
 
 def load_dense(path: str | Path) -> MoETransformer:
-    """The model in an :func:`~moe_lightning.inference.export_safetensors` file."""
-    if not Path(path).is_file():
-        raise ValueError(f"dense_checkpoint={str(path)!r} is not a file")
-    # Imported here: the exporter sits above models/ and imports this package.
-    from moe_lightning.inference.export import load_safetensors
+    """The model in a transformers checkpoint directory (Llama, Qwen2, Mistral, ...; see
+    :func:`~moe_lightning.models.hf.load_hf_model`) or in an :func:`~moe_lightning.inference.export_safetensors`
+    file."""
+    path = Path(path)
+    # Both imported here: transformers is slow to import, and the exporter sits above models/ and imports it.
+    if path.is_dir():
+        from moe_lightning.models.hf import load_hf_model
 
-    return load_safetensors(path)
+        return load_hf_model(path)
+    if path.is_file():
+        from moe_lightning.inference.export import load_safetensors
+
+        return load_safetensors(path)
+    raise ValueError(
+        f"dense_checkpoint={str(path)!r} is neither a transformers checkpoint directory nor a .safetensors file"
+    )
 
 
 def check_exact_at_step_0(router: Router, granularity: int) -> None:

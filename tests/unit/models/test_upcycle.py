@@ -15,6 +15,7 @@ from moe_lightning.layer import MoELayer
 from moe_lightning.models import MoETransformer, MoETransformerConfig
 from moe_lightning.models.upcycle import UpcycledTransformer, upcycle
 from moe_lightning.routing import HashRouter, TopKRouter
+from tests.parity.hf_tiny import save, tiny_hf_model
 
 ROOT = Path(__file__).resolve().parents[3]
 DENSE = dict(vocab_size=64, dim=32, num_layers=3, num_heads=4, dense_hidden_dim=96, first_k_dense=3, max_seq_len=32)
@@ -70,6 +71,22 @@ def test_granular_slices_equal_the_dense_model(num_experts, granularity, router,
     dense = dense_model(activation=activation)
     moe = upcycle(dense, num_experts, router, granularity=granularity)
     assert moe.moe_layers[0].experts.hidden_dim == 96 // granularity
+    assert_same_logits(moe, dense)
+
+
+@pytest.mark.parametrize(
+    "attention", [dict(num_kv_heads=2, qkv_bias=True, qk_norm="head", tie_embeddings=True), dict(qk_norm="projection")],
+    ids=["gqa-bias-head-norm-tied", "projection-norm"],
+)
+def test_attention_variants_and_tied_embeddings_are_copied(attention):
+    dense = dense_model(**attention)
+    with torch.no_grad():  # biases start at zero: make them matter
+        for block in dense.blocks:
+            for param in block.attn.parameters():
+                param.add_(0.1 * torch.randn_like(param))
+    moe = upcycle(dense, 4, topk(2))
+    if dense.config.tie_embeddings:
+        assert moe.head.weight is moe.embed.weight
     assert_same_logits(moe, dense)
 
 
@@ -154,6 +171,18 @@ def test_not_a_transformer_is_a_type_error():
         upcycle(FeedForward(8, 16), 4)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_a_transformers_dense_checkpoint_upcycles_to_its_own_logits(model_type, tmp_path):
+    pytest.importorskip("transformers")
+    hf_model = tiny_hf_model(model_type)  # Qwen2: attention biases; Llama: tied embeddings, head_dim 16 != 48 / 4
+    moe = UpcycledTransformer(8, dense_checkpoint=str(save(hf_model, tmp_path / model_type)), granularity=2)
+    assert moe.moe_layers[0].experts.hidden_dim == 28
+    ids = torch.randint(0, hf_model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf_model(ids).logits
+    torch.testing.assert_close(logits(moe, ids), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
 def test_upcycled_transformer_loads_a_dense_export_and_exports_a_plain_moe_transformer(tmp_path):
     dense = dense_model()
     export_safetensors(dense, tmp_path / "dense.safetensors")
@@ -170,7 +199,7 @@ def test_upcycled_transformer_loads_a_dense_export_and_exports_a_plain_moe_trans
     [
         (dict(), "exactly one of dense_config and dense_checkpoint"),
         (dict(dense_config=MoETransformerConfig(**DENSE), dense_checkpoint="x.safetensors"), "exactly one"),
-        (dict(dense_checkpoint="no/such.safetensors"), "dense_checkpoint='no/such.safetensors' is not a file"),
+        (dict(dense_checkpoint="no/such.safetensors"), "dense_checkpoint='no/such.safetensors' is neither"),
     ],
 )
 def test_upcycled_transformer_needs_one_dense_source(kwargs, message):
