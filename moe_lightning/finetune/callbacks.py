@@ -42,7 +42,8 @@ class FineTuningCallback(Callback):
     """The shared frame: apply :meth:`prepare` once in ``setup``, report the trainable share, export at fit end.
 
     Args:
-        export_path: where rank zero writes the merged model at the end of fit; None writes nothing.
+        export_path: the ``.safetensors`` file rank zero writes the merged model to at the end of fit, relative to the
+            trainer's log dir (its ``default_root_dir`` without a logger); None writes nothing.
     """
 
     def __init__(self, export_path: str | None = None) -> None:
@@ -70,8 +71,14 @@ class FineTuningCallback(Callback):
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.export_path is not None and trainer.is_global_zero:
-            export_finetuned(pl_module, self.export_path)
+        if self.export_path is None:
+            return
+        path = Path(self.export_path)
+        log_dir = trainer.log_dir  # a collective: every rank asks
+        if not path.is_absolute():
+            path = Path(log_dir or trainer.default_root_dir) / path
+        if trainer.is_global_zero:
+            export_finetuned(pl_module, path)
 
 
 class ExpertFineTuning(FineTuningCallback):

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from moe_lightning.experts.grouped import GroupedExperts
+from moe_lightning.layer import MoELayer
 
 EXPERT_WEIGHTS = ("w_in_EDH", "w_down_EFD")
 """The per-expert stacked parameters of :class:`GroupedExperts`."""
@@ -53,11 +54,27 @@ def train_only_experts_of(experts: GroupedExperts, expert_indices: Sequence[int]
 
 
 def merge_expert_rows(model: nn.Module) -> None:
-    """Write the trained rows back into plain expert parameters (before an export), in place; all of them frozen."""
-    for module in model.modules():
-        if isinstance(module, GroupedExperts) and parametrize.is_parametrized(module):
-            for name in EXPERT_WEIGHTS:
-                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    """Replace every row-training :class:`GroupedExperts` of ``model``'s MoE layers by plain ones holding its current
+    weights (frozen), in place, e.g. before an export.
+
+    A new module rather than ``parametrize.remove_parametrizations``: that deletes the weight's property from the
+    parametrized class, which a ``deepcopy`` of the model shares with the original, so merging a copy would break the
+    model it was copied from."""
+    for layer in model.modules():
+        if isinstance(layer, MoELayer) and isinstance(layer.experts, GroupedExperts):
+            if parametrize.is_parametrized(layer.experts):
+                layer.experts = plain_experts_like(layer.experts, layer.experts.w_in_EDH, layer.experts.w_down_EFD)
+
+
+def plain_experts_like(template: nn.Module, w_in_EDH: Tensor, w_down_EFD: Tensor) -> GroupedExperts:
+    """Frozen :class:`GroupedExperts` of ``template``'s activation and implementation holding copies of these weights
+    (built on the meta device first, so that no random initialisation runs)."""
+    implementation = getattr(template, "implementation", "auto")
+    with torch.device("meta"):
+        experts = GroupedExperts(w_in_EDH.shape[0], template.dim, template.hidden_dim, template.activation, implementation)
+    for name, weight in (("w_in_EDH", w_in_EDH), ("w_down_EFD", w_down_EFD)):
+        setattr(experts, name, nn.Parameter(weight.detach().clone(), requires_grad=False))
+    return experts.train(template.training)
 
 
 def check_expert_indices(expert_indices: Sequence[int], num_experts: int, where: str = "") -> None:

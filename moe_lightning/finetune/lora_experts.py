@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from moe_lightning.experts.activations import activate, input_width
 from moe_lightning.experts.grouped import GroupedExperts, compute_dtype, grouped_gemm_for, resolve_implementation
+from moe_lightning.finetune.expert_rows import plain_experts_like
 from moe_lightning.inference.quantization.experts import QuantizedExperts
 
 LoRAImplementation = Literal["auto", "grouped_mm", "loop"]
@@ -127,16 +128,15 @@ class LoRAExperts(nn.Module):
         base's dtype (a quantised base is dequantised to float32 first)."""
         if isinstance(self.base, QuantizedExperts):
             w_in_EDH, w_down_EFD = self.base.dequantized_weights()
-            implementation = "auto"
         else:
             w_in_EDH, w_down_EFD = self.base.w_in_EDH, self.base.w_down_EFD
-            implementation = self.base.implementation
-        merged = GroupedExperts(
-            self.num_experts, self.dim, self.hidden_dim, self.activation, implementation
-        ).to(device=w_in_EDH.device, dtype=w_in_EDH.dtype)
-        merged.w_in_EDH.copy_(w_in_EDH.float() + self.scaling * torch.bmm(self.lora_in_A_EDR, self.lora_in_B_ERH))
-        merged.w_down_EFD.copy_(w_down_EFD.float() + self.scaling * torch.bmm(self.lora_down_A_EFR, self.lora_down_B_ERD))
-        return merged.train(self.training)
+        delta_in_EDH = self.scaling * torch.bmm(self.lora_in_A_EDR, self.lora_in_B_ERH)
+        delta_down_EFD = self.scaling * torch.bmm(self.lora_down_A_EFR, self.lora_down_B_ERD)
+        return plain_experts_like(
+            self.base,
+            (w_in_EDH.float() + delta_in_EDH).to(w_in_EDH.dtype),
+            (w_down_EFD.float() + delta_down_EFD).to(w_down_EFD.dtype),
+        ).train(self.training)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, implementation={self.implementation!r}"

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from moe_lightning.finetune import ExpertFineTuning, merge_expert_rows
+from moe_lightning.inference.export import load_safetensors
 from moe_lightning.routing import TopKRouter
 from tests.unit.finetune.helpers import CONFIG, expert_weights, fit, snapshot, tiny_model, tiny_module
 
@@ -84,6 +85,20 @@ def test_merging_the_rows_gives_plain_parameters_with_the_trained_values(tmp_pat
     experts = module.model.moe_layers[1].experts
     assert sorted(name for name, _ in experts.named_parameters()) == ["w_down_EFD", "w_in_EDH"]
     assert torch.equal(experts.w_in_EDH, trained[1]["w_in_EDH"])
+
+
+def test_export_writes_the_trained_experts_and_leaves_the_run_training_its_rows(tmp_path):
+    module = tiny_module()
+    fit(module, [ExpertFineTuning(experts={0: [2]}, export_path="merged.safetensors")], tmp_path)
+    input_ids = torch.randint(0, CONFIG.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exported = load_safetensors(tmp_path / "merged.safetensors")(input_ids).logits
+        live = module.model(input_ids).logits
+    assert torch.equal(exported, live)
+    assert [name for name, p in module.named_parameters() if p.requires_grad] == [
+        "model.blocks.0.ffn.experts.parametrizations.w_in_EDH.0.rows_S",
+        "model.blocks.0.ffn.experts.parametrizations.w_down_EFD.0.rows_S",
+    ]
 
 
 @pytest.mark.parametrize(
