@@ -193,7 +193,7 @@ def _plan(
     config = dense.config
     moe_blocks = [i for i, block in enumerate(dense.blocks) if isinstance(block.ffn, MoELayer)]
     if moe_blocks:
-        raise ValueError(f"upcycle needs a dense model, but blocks {moe_blocks} are already MoE")
+        raise ValueError(f"upcycle needs a dense model (moe_layers=[]), but blocks {moe_blocks} are already MoE")
     if num_experts < 1 or granularity < 1:
         raise ValueError(f"num_experts and granularity must be >= 1, got {num_experts=} and {granularity=}")
     if num_experts % granularity != 0:
