@@ -2,8 +2,10 @@
 
 Routes: ``GET /health`` (open), ``GET /metrics`` (Prometheus text), ``GET /openapi.json``, the native API
 (``/v1/generate``, ``/v1/generate/stream``, ``/v1/generate/ws``; see :mod:`native_api`) and the OpenAI-compatible one
-(``/v1/completions``, ``/v1/models``; see :mod:`openai_compat`). All but ``/health`` need an API key. The model runs
-on one worker thread, fed by the :class:`MicroBatcher` that the app starts and stops with its lifespan.
+(``/v1/completions``, ``/v1/models``; see :mod:`openai_compat`). All but ``/health`` need an API key with a role that
+may call them (see :mod:`roles`), within the key's rate limit; every request is counted in the metrics and, with
+``settings.audit_log``, written to the audit log. The model runs on one worker thread, fed by the
+:class:`MicroBatcher` that the app starts and stops with its lifespan.
 """
 
 from __future__ import annotations
@@ -19,10 +21,14 @@ from fastapi.responses import JSONResponse, Response
 from moe_lightning.inference import InferenceEngine
 from moe_lightning.inference.decoding import Decoder
 from moe_lightning.serving import native_api, openai_compat
-from moe_lightning.serving.auth import ApiKeyAuth, require_api_key
+from moe_lightning.serving.access import AccessControl, require
+from moe_lightning.serving.audit import AuditLog
+from moe_lightning.serving.auth import Authenticator
 from moe_lightning.serving.batching import MicroBatcher
 from moe_lightning.serving.errors import documented_errors, install_error_handlers
-from moe_lightning.serving.metrics import HitRate, RequestMetricsMiddleware, ServerMetrics
+from moe_lightning.serving.metrics import HitRate, ServerMetrics
+from moe_lightning.serving.request_records import RequestObserver, RequestRecordMiddleware
+from moe_lightning.serving.roles import ANY_ROLE, METRICS
 from moe_lightning.serving.schemas import HealthResponse
 from moe_lightning.serving.service import GenerationService
 from moe_lightning.serving.settings import ServerSettings
@@ -65,11 +71,16 @@ def create_app(
         lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None, max_body_size=settings.max_body_bytes,
     )
     app.state.service = GenerationService(model.config, settings, batcher, tokenizer_for(model.config.vocab_size))
-    app.state.auth = ApiKeyAuth(settings)
+    app.state.access = AccessControl(Authenticator(settings.api_keys, settings.insecure_no_auth))
     app.state.metrics = metrics
+    app.state.audit = None if settings.audit_log is None else AuditLog(settings.audit_log, settings.audit_prompts)
     app.state.started_at = int(time.time())
     install_error_handlers(app)
-    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    observers: list[RequestObserver] = [lambda record: metrics.observe_request(record.route, record.status,
+                                                                               record.seconds)]
+    if app.state.audit is not None:
+        observers.append(app.state.audit.record)
+    app.add_middleware(RequestRecordMiddleware, observers=observers)
     app.include_router(native_api.router)
     app.include_router(native_api.websocket_router)
     app.include_router(openai_compat.router)
@@ -83,14 +94,15 @@ def create_app(
                 "queue_depth": batcher.queue_depth}
         return JSONResponse(body, status_code=200 if ready else 503)
 
-    @app.get("/metrics", tags=["server"], dependencies=[Depends(require_api_key)], response_class=Response,
+    @app.get("/metrics", tags=["server"], dependencies=[Depends(require(METRICS))], response_class=Response,
              responses={200: {"content": {metrics.content_type: {}}, "description": "Prometheus text"},
-                        **documented_errors((401, "missing or invalid API key"))})
+                        **documented_errors((401, "missing or invalid API key"), (403, "the key lacks the metrics role"),
+                                            (429, "the key is over its rate limit (see Retry-After)"))})
     async def prometheus_metrics() -> Response:
         """The Prometheus metrics, in the text exposition format."""
         return Response(metrics.render(), media_type=metrics.content_type)
 
-    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_api_key)])
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require(ANY_ROLE))])
     async def openapi() -> dict[str, Any]:
         return app.openapi()
 

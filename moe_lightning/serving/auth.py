@@ -1,49 +1,74 @@
-"""Bearer-token authentication: :class:`ApiKeyAuth` checks keys in constant time; :func:`require_api_key` is the
-FastAPI dependency of every protected route (all but ``/health``)."""
+"""Who is calling, and may they: :class:`Authenticator` turns a presented API key into a :class:`Principal` (401
+otherwise) and checks its roles (403). Transport-free: the HTTP app and a gRPC servicer share it."""
 
 from __future__ import annotations
 
 import hmac
-from typing import Annotated
-
-from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from moe_lightning.serving.errors import ApiError
-from moe_lightning.serving.settings import ServerSettings
+from moe_lightning.serving.keys import ApiKeyRecord, RateLimit, hash_key
+from moe_lightning.serving.roles import ANY_ROLE, Role
 
-bearer_scheme = HTTPBearer(auto_error=False, description="an API key of the server, as `Authorization: Bearer KEY`")
+ANONYMOUS = "anonymous"
+"""The principal of every caller of a server run without authentication (``insecure_no_auth``)."""
 
 
-class ApiKeyAuth:
-    """The server's API keys; with none (``insecure_no_auth``) every caller is let in."""
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller: the name of its key (never the key), its roles and rate limit."""
 
-    def __init__(self, settings: ServerSettings) -> None:
-        self._keys = [key.encode() for key in settings.api_keys]
-        self.required = bool(self._keys)
+    name: str
+    roles: frozenset[Role]
+    rate_limit: RateLimit | None = None
 
-    def accepts(self, key: str | None) -> bool:
-        """Whether ``key`` is one of the keys. Compares against every key in constant time, so timing reveals
-        neither which key nor how much of one matched."""
+
+class Authenticator:
+    """The server's keys; with none (``insecure_no_auth``) every caller is :data:`ANONYMOUS` with every role."""
+
+    def __init__(self, records: Sequence[ApiKeyRecord], insecure_no_auth: bool = False) -> None:
+        if not records and not insecure_no_auth:
+            raise ValueError("an Authenticator needs API key records, or insecure_no_auth=True")
+        self.required = not insecure_no_auth
+        self._records = [(bytes.fromhex(record.sha256), record) for record in records]
+
+    def authenticate(self, key: str | None) -> Principal:
+        """The principal holding ``key``; 401 (with ``WWW-Authenticate: Bearer``) for a missing or unknown key.
+
+        The key's hash is compared with every known hash in constant time, so timing reveals neither which key
+        matched nor how much of one did."""
         if not self.required:
-            return True
-        given = (key or "").encode("utf-8", errors="surrogateescape")
-        matched = False
-        for known in self._keys:
-            matched |= hmac.compare_digest(known, given)
-        return matched
+            return Principal(ANONYMOUS, ANY_ROLE)
+        if not key:
+            raise _unauthenticated("missing API key")
+        digest = bytes.fromhex(hash_key(key))
+        found = None
+        for known, record in self._records:
+            if hmac.compare_digest(known, digest):
+                found = record
+        if found is None:
+            raise _unauthenticated("invalid API key")
+        return Principal(found.name, found.roles, found.rate_limit)
 
-    def check(self, key: str | None) -> None:
-        """Raise 401 (with ``WWW-Authenticate: Bearer``) unless ``key`` is accepted."""
-        if not self.accepts(key):
-            reason = "missing API key" if not key else "invalid API key"
-            raise ApiError(401, f"{reason}: send 'Authorization: Bearer <key>'", code="invalid_api_key",
-                           headers={"WWW-Authenticate": 'Bearer realm="moe-lightning"'})
+    def authorize(self, key: str | None, allowed: frozenset[Role]) -> Principal:
+        """:meth:`authenticate`, then :func:`check_role`."""
+        principal = self.authenticate(key)
+        check_role(principal, allowed)
+        return principal
 
 
-async def require_api_key(
-    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
-) -> None:
-    """The dependency guarding a route with the app's :class:`ApiKeyAuth` (``app.state.auth``)."""
-    auth: ApiKeyAuth = request.app.state.auth
-    auth.check(None if credentials is None else credentials.credentials)
+def check_role(principal: Principal, allowed: frozenset[Role]) -> None:
+    """403 unless ``principal`` holds one of the ``allowed`` roles."""
+    if not principal.roles & allowed:
+        raise ApiError(403, f"the key {principal.name!r} has roles {_names(principal.roles)}; this needs one of "
+                            f"{_names(allowed)}", code="forbidden")
+
+
+def _names(roles: frozenset[Role]) -> list[str]:
+    return sorted(role.value for role in roles)
+
+
+def _unauthenticated(reason: str) -> ApiError:
+    return ApiError(401, f"{reason}: send 'Authorization: Bearer <key>'", code="invalid_api_key",
+                    headers={"WWW-Authenticate": 'Bearer realm="moe-lightning"'})

@@ -1,13 +1,20 @@
-"""``moe-lightning serve``: load a checkpoint and serve it with uvicorn."""
+"""``moe-lightning serve``: load a checkpoint and serve it with uvicorn (over TLS with ``--ssl-certfile``), and
+``moe-lightning serve add-key``: add a key to a key file."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import fields
+from pathlib import Path
 
 import torch
 
-from moe_lightning.serving.settings import API_KEYS_ENV, ServerSettings, load_api_keys
+from moe_lightning.serving.keys import (
+    API_KEYS_ENV, MIN_SUPPLIED_KEY_LENGTH, ApiKeyRecord, RateLimit, add_key, load_api_keys, new_key,
+)
+from moe_lightning.serving.roles import Role
+from moe_lightning.serving.settings import ServerSettings
 
 _DEFAULTS = {field.name: field.default for field in fields(ServerSettings)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -27,15 +34,24 @@ _LIMIT_HELP = {
 
 def serve_main(argv: list[str]) -> None:
     """``moe-lightning serve --checkpoint PATH [--host H] [--port P] [limits]``: the REST/WebSocket/OpenAI-compatible
-    server of a trained model. API keys come from ``$MOE_LIGHTNING_API_KEYS`` (comma-separated) and --api-key-file."""
+    server of a trained model. API keys come from --api-key-file (see ``moe-lightning serve add-key``) and
+    ``$MOE_LIGHTNING_API_KEYS`` (comma-separated plain keys with the admin role)."""
+    if argv[:1] == ["add-key"]:
+        add_key_main(argv[1:])
+        return
     parser = _parser()
     options = parser.parse_args(argv)
     if not 0 < options.port < 65536:
         parser.error(f"--port must be in 1..65535, got --port {options.port}")
+    if options.ssl_keyfile is not None and options.ssl_certfile is None:
+        parser.error("--ssl-keyfile needs --ssl-certfile (the certificate the key belongs to)")
+    for flag, path in (("--ssl-certfile", options.ssl_certfile), ("--ssl-keyfile", options.ssl_keyfile)):
+        if path is not None and not Path(path).is_file():
+            parser.error(f"{flag} {path} does not exist or is not a file")
     try:
         settings = ServerSettings(
             api_keys=load_api_keys(options.api_key_file), insecure_no_auth=options.insecure_no_auth,
-            model_name=options.model_name,
+            model_name=options.model_name, audit_log=options.audit_log, audit_prompts=options.audit_prompts,
             **{name: getattr(options, name) for name in _LIMITS},
         )
     except ValueError as error:
@@ -56,12 +72,52 @@ def serve_main(argv: list[str]) -> None:
         decoder, hit_rate = _run_options(engine, options, settings)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
-    app = create_app(engine, settings, decoder=decoder, expert_cache_hit_rate=hit_rate)
+    try:
+        app = create_app(engine, settings, decoder=decoder, expert_cache_hit_rate=hit_rate)
+    except ValueError as error:  # e.g. an audit log that can't be written
+        parser.error(str(error))
     auth = "WITHOUT authentication (--insecure-no-auth)" if settings.insecure_no_auth else (
         f"{len(settings.api_keys)} API key(s)")
-    print(f"serving {options.checkpoint} as {settings.model_name!r} on http://{options.host}:{options.port} "
+    scheme = "http" if options.ssl_certfile is None else "https"
+    print(f"serving {options.checkpoint} as {settings.model_name!r} on {scheme}://{options.host}:{options.port} "
           f"with {auth}", flush=True)
-    uvicorn.run(app, host=options.host, port=options.port, log_level=options.log_level)
+    uvicorn.run(app, host=options.host, port=options.port, log_level=options.log_level,
+                ssl_certfile=options.ssl_certfile, ssl_keyfile=options.ssl_keyfile)
+
+
+def add_key_main(argv: list[str]) -> None:
+    """``moe-lightning serve add-key --key-file FILE --name NAME --role ROLE [...]``: add a key to a key file (made if
+    missing) and print it, once: the file keeps only its hash. Without --key-from-stdin the key is generated."""
+    parser = argparse.ArgumentParser(prog="moe-lightning serve add-key", description=add_key_main.__doc__)
+    parser.add_argument("--key-file", required=True, help="the JSON key file to add to (pass it to --api-key-file)")
+    parser.add_argument("--name", required=True, help="who holds the key (the audit log shows this name)")
+    parser.add_argument("--role", action="append", required=True, choices=[role.value for role in Role],
+                        help="a role of the key (repeatable): user generates, metrics reads /metrics, admin both")
+    parser.add_argument("--rate", type=float, default=None, help="requests per second the key may sustain")
+    parser.add_argument("--burst", type=int, default=None, help="requests the key may send at once (with --rate)")
+    parser.add_argument("--key-from-stdin", action="store_true",
+                        help=f"hash the key read from stdin (an existing one, at least {MIN_SUPPLIED_KEY_LENGTH} "
+                             "characters) instead of generating one")
+    options = parser.parse_args(argv)
+    if (options.rate is None) != (options.burst is None):
+        parser.error(f"--rate and --burst go together, got --rate {options.rate} and --burst {options.burst}")
+    if options.key_from_stdin:
+        key = sys.stdin.readline().strip()
+        if len(key) < MIN_SUPPLIED_KEY_LENGTH or not key.isprintable():
+            parser.error(f"the key on stdin has {len(key)} characters: keys need at least {MIN_SUPPLIED_KEY_LENGTH} "
+                         "printable ones (a short key is guessable from its hash)")
+    else:
+        key = new_key()
+    try:
+        rate_limit = None if options.rate is None else RateLimit(requests_per_second=options.rate,
+                                                                  burst=options.burst)
+        add_key(options.key_file, ApiKeyRecord.of_key(key, options.name, options.role, rate_limit))
+    except ValueError as error:  # pydantic's ValidationError is one
+        parser.error(str(error))
+    print(f"added the key {options.name!r} ({', '.join(sorted(set(options.role)))}) to {options.key_file}; it is "
+          "shown once, here, and stored only as its hash", file=sys.stderr)
+    if not options.key_from_stdin:
+        print(key, flush=True)
 
 
 def _run_options(engine, options: argparse.Namespace, settings: ServerSettings):
@@ -105,9 +161,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-name", default=_DEFAULTS["model_name"],
                         help=f"the model id of the OpenAI-compatible API (default: {_DEFAULTS['model_name']})")
     parser.add_argument("--api-key-file", default=None,
-                        help=f"a file of API keys, one a line (added to ${API_KEYS_ENV}, comma-separated)")
+                        help="a JSON key file of hashed keys with roles and rate limits (see `moe-lightning serve "
+                             f"add-key`), added to ${API_KEYS_ENV}'s comma-separated plain admin keys")
     parser.add_argument("--insecure-no-auth", action="store_true",
                         help="serve without API keys: anyone who reaches the port can use the model")
+    parser.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this PEM certificate (chain)")
+    parser.add_argument("--ssl-keyfile", default=None, help="the certificate's PEM private key (if not in it)")
+    parser.add_argument("--audit-log", default=None,
+                        help="append one JSON line per request to this file (key name, route, time, status, latency)")
+    parser.add_argument("--audit-prompts", action="store_true",
+                        help="write each request's prompts into the audit log too (they may be confidential)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="decode with CompiledDecoder: one CUDA graph per batch-size bucket (needs --device cuda)")
     parser.add_argument("--offload-capacity", type=_count_or_fraction, default=None,

@@ -24,8 +24,9 @@ def documented_errors(*statuses: tuple[int, str]) -> dict[int | str, dict[str, A
 
 ERROR_RESPONSES = documented_errors(
     (400, "malformed JSON, or arguments the model can't take"), (401, "missing or invalid API key"),
-    (413, "too many or too long prompts, or too large a body"), (422, "a field out of its bounds"),
-    (429, "the queue is full (see Retry-After)"), (503, "shutting down, or the request timed out"),
+    (403, "the key lacks the user role"), (413, "too many or too long prompts, or too large a body"),
+    (422, "a field out of its bounds"), (429, "the key's rate limit or the queue is full (see Retry-After)"),
+    (503, "shutting down, or the request timed out (see Retry-After)"),
 )
 """The errors of every generation endpoint."""
 
@@ -104,6 +105,8 @@ def _field(error: Mapping[str, Any]) -> str:
 def _error_type(status_code: int) -> str:
     if status_code == 401:
         return "authentication_error"
+    if status_code == 403:
+        return "permission_error"
     if status_code == 429:
         return "rate_limit_error"
     if status_code >= 500:

@@ -1,16 +1,12 @@
-"""ServerMetrics: the server's Prometheus metrics, in a registry of its own (two apps in one process never mix),
-and the ASGI middleware that counts and times every request."""
+"""ServerMetrics: the server's Prometheus metrics, in a registry of its own (two apps in one process never mix)."""
 
 from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from starlette.routing import BaseRoute
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from moe_lightning.serving.batching import BatchReport
 
@@ -68,35 +64,6 @@ class ServerMetrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
-
-
-class RequestMetricsMiddleware:
-    """Records each HTTP request's status and duration (to its last byte, streams included) under its route path, and
-    each WebSocket session under its route with status ``websocket``. Unmatched paths share the label ``unmatched``,
-    so random URLs can't grow the label set."""
-
-    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status: int | str = "websocket" if scope["type"] == "websocket" else 500
-
-        async def send_and_note_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_note_status)
-        finally:
-            route = scope.get("route")
-            endpoint = route.path if isinstance(route, BaseRoute) and hasattr(route, "path") else "unmatched"
-            self.metrics.observe_request(endpoint, status, time.perf_counter() - started)
 
 
 def _read_rate(read: HitRate | None) -> float:

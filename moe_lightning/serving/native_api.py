@@ -19,8 +19,11 @@ from pydantic import ValidationError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.websockets import WebSocketState
 
-from moe_lightning.serving.auth import ApiKeyAuth, require_api_key
+from moe_lightning.serving.access import AccessControl, require
+from moe_lightning.serving.auth import Principal, check_role
 from moe_lightning.serving.errors import ERROR_RESPONSES, ApiError, validation_error
+from moe_lightning.serving.request_records import note_principal, note_prompts
+from moe_lightning.serving.roles import GENERATION
 from moe_lightning.serving.schemas import (
     DoneEvent, EndEvent, GeneratedOutput, GenerateRequest, GenerateResponse, TokenEvent,
 )
@@ -31,7 +34,7 @@ logger = logging.getLogger(__name__)
 POLICY_VIOLATION = 1008
 INTERNAL_ERROR = 1011
 
-router = APIRouter(dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES, tags=["generation"])
+router = APIRouter(dependencies=[Depends(require(GENERATION))], responses=ERROR_RESPONSES, tags=["generation"])
 websocket_router = APIRouter()
 """The WebSocket authenticates by itself (the header or a first message), so it sits outside ``router``."""
 
@@ -39,6 +42,7 @@ websocket_router = APIRouter()
 @router.post("/v1/generate", response_model=GenerateResponse)
 async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
     """Continue every prompt; answers when all are done."""
+    note_prompts(request, body.prompts)
     stream = _start(request.app.state.service, body)
     return _response(stream, await stream.collect())
 
@@ -47,6 +51,7 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
     200: {"content": {"text/event-stream": {}}, "description": "token, end, done (or error) events"}})
 async def generate_stream(body: GenerateRequest, request: Request) -> EventSourceResponse:
     """Continue every prompt, streaming each new token as a Server-Sent Event."""
+    note_prompts(request, body.prompts)
     stream = _start(request.app.state.service, body)
 
     async def events() -> AsyncIterator[ServerSentEvent]:
@@ -61,18 +66,21 @@ async def generate_stream(body: GenerateRequest, request: Request) -> EventSourc
 async def generate_ws(websocket: WebSocket) -> None:
     """Authenticate with ``Authorization: Bearer KEY`` on the handshake, or with a first message
     ``{"type": "auth", "api_key": KEY}`` (answered ``{"type": "authenticated"}``); then send requests as
-    :class:`GenerateRequest` JSON, one after another, each answered by its stream of messages."""
-    auth: ApiKeyAuth = websocket.app.state.auth
+    :class:`GenerateRequest` JSON, one after another, each answered by its stream of messages. The key needs the
+    ``user`` or ``admin`` role; each request spends one of its rate limit's requests."""
+    access: AccessControl = websocket.app.state.access
     service: GenerationService = websocket.app.state.service
     await websocket.accept()
     try:
-        if not await _authenticate(websocket, auth):
+        principal = await _authenticate(websocket, access)
+        if principal is None:
             return
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
                 return
-            await _serve_ws_request(websocket, service, message.get("text") or message.get("bytes") or b"")
+            await _serve_ws_request(websocket, service, access, principal,
+                                    message.get("text") or message.get("bytes") or b"")
     except WebSocketDisconnect:
         return
     except Exception:
@@ -113,40 +121,59 @@ async def _stream_messages(stream: GenerationStream) -> AsyncIterator[dict[str, 
     yield DoneEvent(outputs=response.outputs, usage=response.usage).model_dump()
 
 
-async def _authenticate(websocket: WebSocket, auth: ApiKeyAuth) -> bool:
-    """Whether the socket may go on; refuses (and closes) it otherwise."""
+async def _authenticate(websocket: WebSocket, access: AccessControl) -> Principal | None:
+    """The socket's principal; None once it is refused (and closed)."""
     header = websocket.headers.get("authorization")
-    if not auth.required:
-        return True
+    if not access.authenticator.required:
+        return _admit(websocket, access, None)
     if header is not None:
         scheme, _, key = header.partition(" ")
-        if scheme.lower() == "bearer" and auth.accepts(key.strip()):
-            return True
-        return await _refuse(websocket, "invalid API key in the Authorization header")
+        if scheme.lower() != "bearer":
+            return await _refuse(websocket, ApiError(401, "the Authorization header must read 'Bearer <key>'",
+                                                     code="invalid_api_key"))
+        return await _admit_or_refuse(websocket, access, key.strip())
     message = await websocket.receive()
     if message["type"] == "websocket.disconnect":
-        return False
+        return None
     try:
         first = json.loads(message.get("text") or message.get("bytes") or b"")
     except ValueError:
         first = None
     if not (isinstance(first, dict) and first.get("type") == "auth" and isinstance(first.get("api_key"), str)):
-        return await _refuse(websocket, 'missing API key: send {"type": "auth", "api_key": KEY} first, or the '
-                                        "Authorization: Bearer header on the handshake")
-    if not auth.accepts(first["api_key"]):
-        return await _refuse(websocket, "invalid API key")
-    await websocket.send_json({"type": "authenticated"})
-    return True
+        return await _refuse(websocket, ApiError(
+            401, 'missing API key: send {"type": "auth", "api_key": KEY} first, or the Authorization: Bearer header '
+                 "on the handshake", code="invalid_api_key"))
+    principal = await _admit_or_refuse(websocket, access, first["api_key"])
+    if principal is not None:
+        await websocket.send_json({"type": "authenticated"})
+    return principal
 
 
-async def _refuse(websocket: WebSocket, reason: str) -> bool:
-    await websocket.send_json(_error_message(ApiError(401, reason, code="invalid_api_key")))
-    await websocket.close(POLICY_VIOLATION, reason[:120])
-    return False
+def _admit(websocket: WebSocket, access: AccessControl, key: str | None) -> Principal:
+    """Authenticate and check the role, spending no rate limit: each request on the socket spends its own."""
+    principal = access.authenticator.authenticate(key)
+    note_principal(websocket, principal)
+    check_role(principal, GENERATION)
+    return principal
 
 
-async def _serve_ws_request(websocket: WebSocket, service: GenerationService, text: str | bytes) -> None:
+async def _admit_or_refuse(websocket: WebSocket, access: AccessControl, key: str) -> Principal | None:
     try:
+        return _admit(websocket, access, key)
+    except ApiError as error:
+        return await _refuse(websocket, error)
+
+
+async def _refuse(websocket: WebSocket, error: ApiError) -> None:
+    await websocket.send_json(_error_message(error))
+    await websocket.close(POLICY_VIOLATION, str(error.detail)[:120])
+
+
+async def _serve_ws_request(
+    websocket: WebSocket, service: GenerationService, access: AccessControl, principal: Principal, text: str | bytes,
+) -> None:
+    try:
+        access.rate_limiter.acquire(principal)
         body = GenerateRequest.model_validate_json(text)
         stream = _start(service, body)
     except ValidationError as error:

@@ -16,11 +16,12 @@ from contextlib import aclosing
 from fastapi import APIRouter, Depends, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from moe_lightning.serving.auth import require_api_key
+from moe_lightning.serving.access import require
 from moe_lightning.serving.errors import ERROR_RESPONSES, ApiError, documented_errors
 from moe_lightning.serving.openai_schemas import (
     UNSUPPORTED_NEUTRAL_VALUES, Completion, CompletionChoice, CompletionRequest, ModelCard, ModelList,
 )
+from moe_lightning.serving.roles import GENERATION
 from moe_lightning.serving.service import GenerationService, GenerationStream
 
 DEFAULT_MAX_TOKENS = 16
@@ -29,7 +30,7 @@ _CHUNK_LEAVES_OUT = {"usage": True, "choices": {"__all__": {"token_ids"}}}
 DEFAULT_TEMPERATURE = 1.0
 
 router = APIRouter(
-    dependencies=[Depends(require_api_key)], responses={**ERROR_RESPONSES, **documented_errors((404, "unknown model"))},
+    dependencies=[Depends(require(GENERATION))], responses={**ERROR_RESPONSES, **documented_errors((404, "unknown model"))},
     tags=["openai"],
 )
 

@@ -85,7 +85,8 @@ class DoneEvent(GenerateResponse):
 
 class ErrorDetail(BaseModel):
     message: str = Field(description="what was wrong, naming the value")
-    type: str = Field(description="invalid_request_error, authentication_error, rate_limit_error or server_error")
+    type: str = Field(description="invalid_request_error, authentication_error, permission_error, rate_limit_error "
+                                  "or server_error")
     param: str | None = Field(description="the request field at fault")
     code: str | None = Field(description="a machine-readable reason, e.g. invalid_value, queue_full, timeout")
 

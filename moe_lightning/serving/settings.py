@@ -1,22 +1,19 @@
-"""ServerSettings: the serving limits and the API keys, checked once when the server starts."""
+"""ServerSettings: the serving limits, the API keys and the audit log, checked once when the server starts."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
-API_KEYS_ENV = "MOE_LIGHTNING_API_KEYS"
-"""The environment variable holding comma-separated API keys."""
+from moe_lightning.serving.keys import API_KEYS_ENV, ApiKeyRecord
 
 
 @dataclass(frozen=True)
 class ServerSettings:
     """Limits and credentials of one server; every request is checked against them before it reaches the model."""
 
-    api_keys: tuple[str, ...] = ()
-    """Bearer tokens accepted on every endpoint except ``/health`` (see :func:`load_api_keys`)."""
+    api_keys: tuple[ApiKeyRecord, ...] = ()
+    """The keys (hashed, with roles and rate limits) accepted as bearer tokens; see :mod:`moe_lightning.serving.keys`
+    and, for what each role may call, :mod:`moe_lightning.serving.roles`."""
     insecure_no_auth: bool = False
     """Serve without authentication. Required explicitly when ``api_keys`` is empty."""
     model_name: str = "moe-lightning"
@@ -37,20 +34,30 @@ class ServerSettings:
     """The most time from a request's arrival to its last token; past it the request gets 503."""
     max_body_bytes: int = 1_048_576
     """The largest request body; a larger one gets 413 before it is parsed."""
+    audit_log: str | None = None
+    """A file to append one JSON line per request to (who, what route, when, status, latency); None: no audit log."""
+    audit_prompts: bool = False
+    """Write each request's prompts into the audit log too (they may be confidential: off unless asked for)."""
 
     def __post_init__(self) -> None:
         if not self.api_keys and not self.insecure_no_auth:
             raise ValueError(
-                f"no API key configured: set {API_KEYS_ENV}=key1,key2 or pass --api-key-file FILE (one key a line); "
+                f"no API key configured: set {API_KEYS_ENV}=key1,key2 or pass --api-key-file FILE (made by "
+                "`moe-lightning serve add-key`); "
                 "to serve without authentication pass --insecure-no-auth (insecure_no_auth=True) explicitly"
             )
         if self.api_keys and self.insecure_no_auth:
             raise ValueError(
                 f"insecure_no_auth=True contradicts the {len(self.api_keys)} configured API key(s): choose one"
             )
-        bad_keys = [i for i, key in enumerate(self.api_keys) if not key or key != key.strip() or not key.isprintable()]
-        if bad_keys:
-            raise ValueError(f"API keys {bad_keys} (0-based) are empty or hold whitespace or control characters")
+        not_records = [type(key).__name__ for key in self.api_keys if not isinstance(key, ApiKeyRecord)]
+        if not_records:
+            raise TypeError(f"api_keys must be ApiKeyRecords (ApiKeyRecord.of_key hashes a plain key), got {not_records}")
+        names = [key.name for key in self.api_keys]
+        if len(set(names)) < len(names):
+            raise ValueError(f"each API key needs its own name, got {names}")
+        if self.audit_prompts and self.audit_log is None:
+            raise ValueError("audit_prompts=True needs an audit_log to write the prompts to")
         if not self.model_name:
             raise ValueError("model_name must not be empty")
         for name in ("max_prompt_tokens", "max_new_tokens", "max_prompts_per_request", "max_batch_size",
@@ -67,14 +74,3 @@ class ServerSettings:
                 "a request is decoded in one batch, so its prompts must fit one"
             )
 
-
-def load_api_keys(api_key_file: str | Path | None = None, environ: Mapping[str, str] = os.environ) -> tuple[str, ...]:
-    """The API keys of ``$MOE_LIGHTNING_API_KEYS`` (comma-separated) and of ``api_key_file`` (one a line; blank lines
-    and lines starting with ``#`` are skipped), in that order, without repeats."""
-    keys = [key.strip() for key in environ.get(API_KEYS_ENV, "").split(",")]
-    if api_key_file is not None:
-        path = Path(api_key_file)
-        if not path.is_file():
-            raise ValueError(f"API key file {path} does not exist or is not a file")
-        keys += [line.strip() for line in path.read_text().splitlines() if not line.strip().startswith("#")]
-    return tuple(dict.fromkeys(key for key in keys if key))

@@ -21,10 +21,12 @@ from fastapi import FastAPI  # noqa: E402
 from moe_lightning.inference import InferenceEngine, generate  # noqa: E402
 from moe_lightning.models import MoETransformer, MoETransformerConfig  # noqa: E402
 from moe_lightning.serving.app import create_app  # noqa: E402
+from moe_lightning.serving.keys import ApiKeyRecord  # noqa: E402
 from moe_lightning.serving.settings import ServerSettings  # noqa: E402
 
 API_KEY = "test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+ADMIN_KEY = ApiKeyRecord.of_key(API_KEY, "tester", ["admin"])
 # As in the inference tests: a large init_std makes the logits peaked, so greedy choices are not near-ties.
 TINY_BYTES = dict(
     vocab_size=256, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4, expert_hidden_dim=32,
@@ -48,7 +50,7 @@ def engine(model) -> InferenceEngine:
 
 
 def settings(**overrides: Any) -> ServerSettings:
-    return ServerSettings(**{"api_keys": (API_KEY,), **overrides})
+    return ServerSettings(**{"api_keys": (ADMIN_KEY,), **overrides})
 
 
 def alone(model: MoETransformer, prompt: list[int], max_new_tokens: int, **sampling: Any) -> list[int]:

@@ -29,16 +29,23 @@ def test_serving_without_a_key_is_refused_unless_insecure_is_explicit(checkpoint
     assert served[0][1]["port"] == 8123 and "WITHOUT authentication" in capsys.readouterr().out
 
 
-def test_keys_limits_and_the_model_reach_the_app(checkpoint, tmp_path, monkeypatch):
-    key_file = tmp_path / "keys"
-    key_file.write_text("file-key\n")
-    monkeypatch.setenv("MOE_LIGHTNING_API_KEYS", "env-key")
+def test_keys_limits_and_the_model_reach_the_app(checkpoint, tmp_path, monkeypatch, capsys):
+    key_file = tmp_path / "keys.json"
+    serve_main(["add-key", "--key-file", str(key_file), "--name", "alice", "--role", "user"])
+    alice_key = capsys.readouterr().out.strip()
+    monkeypatch.setenv("MOE_LIGHTNING_API_KEYS", "env-key-0123456789")
     served = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(app))
     serve_main(["--checkpoint", str(checkpoint), "--api-key-file", str(key_file), "--max-new-tokens", "7",
                 "--batch-window-ms", "1.5", "--model-name", "tiny"])
     service = served[0].state.service
-    assert service.settings.api_keys == ("env-key", "file-key")
+    assert [(key.name, sorted(key.roles)) for key in service.settings.api_keys] == [("env-0", ["admin"]),
+                                                                                     ("alice", ["user"])]
+    with TestClient(served[0]) as client:
+        for key, metrics_status in ((alice_key, 403), ("env-key-0123456789", 200)):
+            auth = {"Authorization": f"Bearer {key}"}
+            assert client.post("/v1/generate", json={"prompts": ["a"], "max_new_tokens": 1}, headers=auth).is_success
+            assert client.get("/metrics", headers=auth).status_code == metrics_status
     assert (service.settings.max_new_tokens, service.settings.batch_window_ms) == (7, 1.5)
     assert service.settings.model_name == "tiny" and service.vocab_size == 256
 
