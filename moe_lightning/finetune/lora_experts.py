@@ -2,10 +2,11 @@
 
 Why not peft's ``target_parameters``: peft's ``ParamWrapper`` does adapt ``GroupedExperts.w_in_EDH`` (forward and
 backward agree on the grouped_mm and loop paths), but it folds the adapter into a full ``[E, D, H]`` weight on every
-forward, and its backward builds a gradient of that full stack: at E=16, D=512, F=1024 that was 316 MB of
-temporaries per step for 96 MB of expert weights. It cannot adapt quantised experts either (their weights are
-bitsandbytes buffers, not parameters). Here the adapter runs on the routed rows only, ``(x A) B`` by two more
-grouped GEMMs of rank R, and the same code serves a float and a quantised base.
+forward, and its backward builds a gradient of that full stack. At E=16, D=512, F=1024 (96 MB of expert weights),
+2048 rows, rank 8, torch's profiler counted 392 MB allocated by one forward and backward through peft, 150 MB here.
+It cannot adapt quantised experts either (their weights are bitsandbytes buffers, not parameters). Here the adapter
+runs on the routed rows only, ``(x A) B`` by two more grouped GEMMs of rank R, and the same code serves a float and
+a quantised base.
 
 Shape legend: N routed rows (sorted by expert), D model dim, F expert hidden dim, E experts, R adapter rank,
 H input-projection width (2F for SwiGLU: gate and up side by side, F for GELU).
@@ -85,10 +86,11 @@ class LoRAExperts(nn.Module):
         gemm = grouped_gemm_for(implementation)
         row_ends_E = tokens_per_expert_E.cumsum(0).to(torch.int32)
         h_NH = self._base_grouped("in", x_ND, tokens_per_expert_E, gemm, row_ends_E)
-        h_NH = h_NH + self.scaling * gemm(gemm(x_ND, a_in_EDR, row_ends_E), b_in_ERH, row_ends_E)
+        # The scale goes on the rank-R intermediate, the narrowest tensor of the adapter path.
+        h_NH = h_NH + gemm(self.scaling * gemm(x_ND, a_in_EDR, row_ends_E), b_in_ERH, row_ends_E)
         a_NF = activate(h_NH, self.activation)
         y_ND = self._base_grouped("down", a_NF, tokens_per_expert_E, gemm, row_ends_E)
-        return y_ND + self.scaling * gemm(gemm(a_NF, a_down_EFR, row_ends_E), b_down_ERD, row_ends_E)
+        return y_ND + gemm(self.scaling * gemm(a_NF, a_down_EFR, row_ends_E), b_down_ERD, row_ends_E)
 
     def _forward_loop(
         self, x_ND: Tensor, tokens_per_expert_E: Tensor, a_in_EDR: Tensor, b_in_ERH: Tensor, a_down_EFR: Tensor,
