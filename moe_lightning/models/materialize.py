@@ -163,6 +163,11 @@ def build_on_meta(build: Callable[[], ModelT]) -> tuple[ModelT, InitRecord]:
     record = InitRecord(rng_state=torch.get_rng_state())
     with torch.device("meta"), _Recorder(record):
         model = build()
+    if not torch.equal(torch.get_rng_state(), record.rng_state):
+        raise ValueError(
+            "the build function seeded or drew from the global generator itself; replay would start from the wrong "
+            "state: seed before build_on_meta"
+        )
     return model, record
 
 
@@ -271,6 +276,7 @@ class _Replay:
         self.sliced = {self.refs[name].storage: (name, rows[name]) for name in wanted if name in rows}
         self.dtype = dtype
         self.values: dict[int, Tensor] = {}
+        self.scratch: dict[torch.dtype, Tensor] = {}
         self.needed = self._needed_storages()
         kept = [i for i, op in enumerate(record.ops) if op.is_random and self._kept(op)]
         self.draws_end = kept[-1] + 1 if kept else 0  # random ops after the last kept one need not run
@@ -354,6 +360,14 @@ class _Replay:
         else:
             op.func(self.values[storage], *op.args[1:], **op.kwargs)
 
+    def _scratch(self, numel: int, dtype: torch.dtype) -> Tensor:
+        """One buffer per dtype for the draws, grown as needed: a fresh chunk per draw fragments the heap (glibc
+        keeps freed chunks of this size), and the peak grows well past the kept tensors."""
+        buffer = self.scratch.get(dtype)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self.scratch[dtype] = torch.empty(numel, dtype=dtype)
+        return buffer
+
     def _draw(self, op: _Op, keep: range | None) -> None:
         """Run random op ``op`` over its whole tensor (in chunks where that keeps the values, see :data:`_CHUNKABLE`)
         and copy its rows ``keep`` into the storage's kept rows; ``keep=None``: only advance the stream."""
@@ -365,10 +379,11 @@ class _Replay:
         row_numel = numel // ref.size[0] if ref.size[0] else 0
         first, last = (keep.start * row_numel, keep.stop * row_numel) if keep is not None else (0, 0)
         chunk_numel = CHUNK_ELEMENTS if op.func in _CHUNKABLE else numel
+        scratch = self._scratch(min(numel, chunk_numel + 16), dtype)
         start = 0
         while start < numel:
             stop = numel if numel - start <= chunk_numel + 16 else start + chunk_numel
-            chunk = op.func(torch.empty(stop - start, dtype=dtype), *op.args[1:], **op.kwargs)
+            chunk = op.func(scratch[: stop - start], *op.args[1:], **op.kwargs)
             lo, hi = max(start, first), min(stop, last)
             if lo < hi:
                 self.values[ref.storage].view(-1)[lo - first : hi - first] = chunk[lo - start : hi - start]

@@ -10,20 +10,7 @@ from moe_lightning import ExpertParallelStrategy
 from moe_lightning.checkpoint import consolidate
 from moe_lightning.checkpoint.sharded import load_sharded, shard_file_name
 from tests.distributed.launch import run_workers
-from tests.distributed.lm_cases import BATCH, build_module, loader, probe_batch, trainer
-
-# Adam divides by sqrt(v): near-zero gradients turn fp32 summation-order noise into ~1e-5 weight differences.
-TOL = dict(rtol=1e-4, atol=2e-5)
-
-
-def _snapshot(module, optimizer):
-    """Weights, optimizer state keyed by parameter name, and outputs on a fixed batch (a collective call)."""
-    names = {id(p): n for n, p in module.named_parameters()}
-    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
-    state = {order[pid]: s for pid, s in optimizer.state_dict()["state"].items()}
-    with torch.no_grad():
-        logits = module.model(probe_batch()).logits
-    return {"params": {n: p.detach().clone() for n, p in module.named_parameters()}, "optim": state, "logits": logits}
+from tests.distributed.lm_cases import BATCH, TOL, assert_matches, build_module, loader, snapshot, trainer
 
 
 def _fit_and_save(rank, world_size, tmp):
@@ -31,19 +18,19 @@ def _fit_and_save(rank, world_size, tmp):
     fit = trainer(ExpertParallelStrategy(), world_size)
     fit.fit(module, loader(BATCH, world_size, rank))
     fit.save_checkpoint(f"{tmp}/ep{world_size}")
-    trained = _snapshot(module, fit.optimizers[0])
+    trained = snapshot(module, fit.optimizers[0])
     # 1 -> world_size: resume the one-process run's ordinary checkpoint (already at max_steps: restore only).
     resumed = build_module()
     resume = trainer(ExpertParallelStrategy(), world_size)
     resume.fit(resumed, loader(BATCH, world_size, rank), ckpt_path=f"{tmp}/reference.ckpt")
-    torch.save({"trained": trained, "resumed": _snapshot(resumed, resume.optimizers[0])}, f"{tmp}/fit{rank}.pt")
+    torch.save({"trained": trained, "resumed": snapshot(resumed, resume.optimizers[0])}, f"{tmp}/fit{rank}.pt")
 
 
 def _resume(rank, world_size, tmp, source):
     module = build_module()
     resume = trainer(ExpertParallelStrategy(), world_size)
     resume.fit(module, loader(BATCH, world_size, rank), ckpt_path=f"{tmp}/{source}")
-    torch.save(_snapshot(module, resume.optimizers[0]), f"{tmp}/resume{world_size}_{rank}.pt")
+    torch.save(snapshot(module, resume.optimizers[0]), f"{tmp}/resume{world_size}_{rank}.pt")
 
 
 def _reshard(rank, world_size, tmp, source, target):
@@ -52,25 +39,7 @@ def _reshard(rank, world_size, tmp, source, target):
     resume = trainer(ExpertParallelStrategy(), world_size)
     resume.fit(module, loader(BATCH, world_size, rank), ckpt_path=f"{tmp}/{source}")
     resume.save_checkpoint(f"{tmp}/{target}")
-    torch.save(_snapshot(module, resume.optimizers[0]), f"{tmp}/{target}_{rank}.pt")
-
-
-def _local(full, name, rank, ep):
-    """Rank ``rank``'s slice of an expert tensor of the one-process model (other tensors, Adam's step: whole)."""
-    if "experts." not in name or full.dim() == 0:
-        return full
-    size = full.shape[0] // ep
-    return full[rank * size : (rank + 1) * size]
-
-
-def _assert_matches(snapshot, reference, rank, ep):
-    torch.testing.assert_close(snapshot["logits"], reference["logits"], **TOL)
-    for name, param in reference["params"].items():
-        torch.testing.assert_close(snapshot["params"][name], _local(param, name, rank, ep), **TOL, msg=lambda m: f"{name}: {m}")
-    assert snapshot["optim"].keys() == reference["optim"].keys()
-    for name, state in reference["optim"].items():
-        for key, value in state.items():
-            torch.testing.assert_close(snapshot["optim"][name][key], _local(value, name, rank, ep), **TOL, msg=lambda m: f"{name} {key}: {m}")
+    torch.save(snapshot(module, resume.optimizers[0]), f"{tmp}/{target}_{rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +49,7 @@ def runs(tmp_path_factory):
     one = trainer("auto", 1)
     one.fit(module, loader(2 * BATCH, 2))  # the global batch of 2 ranks, unsplit
     one.save_checkpoint(tmp / "reference.ckpt")
-    reference = _snapshot(module, one.optimizers[0])
+    reference = snapshot(module, one.optimizers[0])
     run_workers(_fit_and_save, 2, str(tmp))
     run_workers(_resume, 1, str(tmp), "ep2")
     fits = [torch.load(tmp / f"fit{r}.pt") for r in range(2)]
@@ -90,18 +59,18 @@ def runs(tmp_path_factory):
 def test_training_at_ep2_matches_one_process(runs):
     _, reference, fits, _ = runs
     for rank, fit in enumerate(fits):
-        _assert_matches(fit["trained"], reference, rank, ep=2)
+        assert_matches(fit["trained"], reference, rank, ep=2)
 
 
 def test_one_process_checkpoint_resumes_at_ep2(runs):
     _, reference, fits, _ = runs
     for rank, fit in enumerate(fits):
-        _assert_matches(fit["resumed"], reference, rank, ep=2)
+        assert_matches(fit["resumed"], reference, rank, ep=2)
 
 
 def test_ep2_checkpoint_resumes_at_ep1(runs):
     _, reference, _, resumed = runs
-    _assert_matches(resumed, reference, rank=0, ep=1)
+    assert_matches(resumed, reference, rank=0, ep=1)
 
 
 def test_checkpoint_reshards_along_1_to_4_to_2_to_1(runs):
@@ -110,7 +79,7 @@ def test_checkpoint_reshards_along_1_to_4_to_2_to_1(runs):
     for source, target, ep in chain:
         run_workers(_reshard, ep, str(tmp), source, target)
         for rank in range(ep):
-            _assert_matches(torch.load(tmp / f"{target}_{rank}.pt"), reference, rank, ep)
+            assert_matches(torch.load(tmp / f"{target}_{rank}.pt"), reference, rank, ep)
 
 
 def test_consolidated_export_equals_one_process_checkpoint(runs):
@@ -160,7 +129,7 @@ def _fit_clipped(rank, world_size, tmp):
     module = _sgd_module()
     fit = trainer(ExpertParallelStrategy(), world_size, gradient_clip_val=CLIP)
     fit.fit(module, loader(BATCH, world_size, rank))
-    torch.save(_snapshot(module, fit.optimizers[0]), f"{tmp}/clipped{rank}.pt")
+    torch.save(snapshot(module, fit.optimizers[0]), f"{tmp}/clipped{rank}.pt")
 
 
 def test_gradient_norm_clipping_at_ep2_uses_the_whole_models_norm(tmp_path):
@@ -168,10 +137,10 @@ def test_gradient_norm_clipping_at_ep2_uses_the_whole_models_norm(tmp_path):
     module = _sgd_module()
     one = trainer("auto", 1, gradient_clip_val=CLIP)
     one.fit(module, loader(2 * BATCH, 2))
-    reference = _snapshot(module, one.optimizers[0])
+    reference = snapshot(module, one.optimizers[0])
     unclipped = _sgd_module()
     trainer("auto", 1).fit(unclipped, loader(2 * BATCH, 2))
     assert not torch.allclose(unclipped.model.embed.weight, module.model.embed.weight, **TOL)
     run_workers(_fit_clipped, 2, str(tmp_path))
     for rank in range(2):
-        _assert_matches(torch.load(tmp_path / f"clipped{rank}.pt"), reference, rank, ep=2)
+        assert_matches(torch.load(tmp_path / f"clipped{rank}.pt"), reference, rank, ep=2)

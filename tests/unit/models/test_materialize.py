@@ -203,3 +203,13 @@ def test_expert_initialisation_that_is_not_row_local_cannot_be_sliced():
     whole, record = build_on_meta(build)
     materialize(whole, record)  # one process replays it whole
     assert torch.equal(whole.experts.w_in_EDH, torch.ones(4, 8, 12).cumsum(0))
+
+
+def test_a_build_that_seeds_itself_is_refused():
+    def build():
+        torch.manual_seed(1)
+        return nn.Linear(4, 4)
+
+    torch.manual_seed(2)
+    with pytest.raises(ValueError, match="seed before build_on_meta"):
+        build_on_meta(build)
