@@ -28,6 +28,8 @@ from moe_lightning.inference.quantization.experts import QuantizedExperts
 
 LoRAImplementation = Literal["auto", "grouped_mm", "loop"]
 LORA_IMPLEMENTATIONS = ("auto", "grouped_mm", "loop")
+GROUPED_MM_STRIDE_BYTES = 16
+"""torch's grouped_mm refuses operands whose row stride is not a multiple of this."""
 
 
 class LoRAExperts(nn.Module):
@@ -80,7 +82,7 @@ class LoRAExperts(nn.Module):
         a_in_EDR, b_in_ERH, a_down_EFR, b_down_ERD = (
             p.to(dtype) for p in (self.lora_in_A_EDR, self.lora_in_B_ERH, self.lora_down_A_EFR, self.lora_down_B_ERD)
         )
-        implementation = resolve_implementation(self.implementation, x_ND, a_in_EDR, b_down_ERD)
+        implementation = self._resolve_implementation(x_ND, a_in_EDR, b_down_ERD)
         if implementation == "loop":
             return self._forward_loop(x_ND, tokens_per_expert_E, a_in_EDR, b_in_ERH, a_down_EFR, b_down_ERD)
         gemm = grouped_gemm_for(implementation)
@@ -91,6 +93,20 @@ class LoRAExperts(nn.Module):
         a_NF = activate(h_NH, self.activation)
         y_ND = self._base_grouped("down", a_NF, tokens_per_expert_E, gemm, row_ends_E)
         return y_ND + gemm(self.scaling * gemm(a_NF, a_down_EFR, row_ends_E), b_down_ERD, row_ends_E)
+
+    def _resolve_implementation(self, x_ND: Tensor, a_in_EDR: Tensor, b_down_ERD: Tensor) -> LoRAImplementation:
+        """As :class:`GroupedExperts` resolves, and: torch's grouped_mm needs 16-byte row strides, so the rank-R
+        operands need ``R * itemsize`` to be a multiple of 16 (R a multiple of 4 in fp32, of 8 in bf16); ``"auto"``
+        loops otherwise."""
+        implementation = resolve_implementation(self.implementation, x_ND, a_in_EDR, b_down_ERD)
+        if implementation == "loop" or self.rank * x_ND.dtype.itemsize % GROUPED_MM_STRIDE_BYTES == 0:
+            return implementation
+        if self.implementation == "grouped_mm":
+            raise ValueError(
+                f"implementation='grouped_mm' needs rank * itemsize to be a multiple of {GROUPED_MM_STRIDE_BYTES} "
+                f"bytes, got rank={self.rank} in {x_ND.dtype}; use implementation='auto' or another rank"
+            )
+        return "loop"
 
     def _forward_loop(
         self, x_ND: Tensor, tokens_per_expert_E: Tensor, a_in_EDR: Tensor, b_in_ERH: Tensor, a_down_EFR: Tensor,

@@ -51,6 +51,35 @@ def test_grouped_path_equals_the_loop_forward_and_backward(quantized):
     assert all(grads_grouped["lora_in_A_EDR"][e].abs().sum() > 0 for e in (0, 2, 3))
 
 
+def test_bf16_grouped_path_equals_the_loop_within_bf16_rounding():
+    x_ND = torch.randn(int(TOKENS_PER_EXPERT.sum()), D, generator=torch.Generator().manual_seed(2)).bfloat16()
+    runs = []
+    for implementation in ("grouped_mm", "loop"):
+        torch.manual_seed(1)
+        lora = LoRAExperts(base_experts(False).bfloat16(), rank=8, alpha=16.0, implementation=implementation)
+        with torch.no_grad():
+            lora.lora_in_B_ERH.normal_(std=0.1)
+            lora.lora_down_B_ERD.normal_(std=0.1)
+        runs.append(run(lora, x_ND))
+    (y_grouped, dx_grouped, grads_grouped), (y_loop, dx_loop, grads_loop) = runs
+    assert y_grouped.dtype == torch.bfloat16
+    # Both round each product to bf16 (8 significant bits) once, in another summation order: a few ulps apart.
+    bf16 = {"rtol": 2 ** -6, "atol": 2 ** -6 * float(y_loop.abs().max())}
+    torch.testing.assert_close(y_grouped, y_loop, **bf16)
+    torch.testing.assert_close(dx_grouped, dx_loop, rtol=2 ** -6, atol=2 ** -6 * float(dx_loop.abs().max()))
+    for name, grad in grads_grouped.items():
+        assert grad.dtype == torch.float32  # the adapters stay fp32 parameters
+        torch.testing.assert_close(grad, grads_loop[name], rtol=2 ** -6, atol=2 ** -6 * float(grad.abs().max()))
+
+
+def test_grouped_mm_refuses_a_rank_whose_rows_it_cannot_stride():
+    x_ND = torch.randn(int(TOKENS_PER_EXPERT.sum()), D).bfloat16()
+    with pytest.raises(ValueError, match=r"rank=4 in torch.bfloat16"):
+        LoRAExperts(base_experts(False).bfloat16(), rank=4, implementation="grouped_mm")(x_ND, TOKENS_PER_EXPERT)
+    auto = LoRAExperts(base_experts(False).bfloat16(), rank=4)  # "auto" takes the loop instead
+    assert auto(x_ND, TOKENS_PER_EXPERT).shape == x_ND.shape
+
+
 def test_equals_peft_lora_of_the_3d_expert_parameters():
     """peft's ParamWrapper adapts the same stacked weights by folding ``A B`` into them: an independent LoRA."""
     x_ND = torch.randn(int(TOKENS_PER_EXPERT.sum()), D, generator=torch.Generator().manual_seed(3))
