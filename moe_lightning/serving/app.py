@@ -25,6 +25,7 @@ from moe_lightning.serving.access import AccessControl, require
 from moe_lightning.serving.audit import AuditLog
 from moe_lightning.serving.auth import Authenticator
 from moe_lightning.serving.batching import MicroBatcher
+from moe_lightning.serving.body_limit import BodySizeLimitMiddleware
 from moe_lightning.serving.errors import documented_errors, install_error_handlers
 from moe_lightning.serving.metrics import HitRate, ServerMetrics
 from moe_lightning.serving.request_records import RequestObserver, RequestRecordMiddleware
@@ -68,7 +69,7 @@ def create_app(
 
     app = FastAPI(
         title="moe-lightning server", summary="Generation with a Mixture-of-Experts model: native and OpenAI APIs",
-        lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None, max_body_size=settings.max_body_bytes,
+        lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None,
     )
     app.state.service = GenerationService(model.config, settings, batcher, tokenizer_for(model.config.vocab_size))
     app.state.access = AccessControl(Authenticator(settings.api_keys, settings.insecure_no_auth))
@@ -80,7 +81,8 @@ def create_app(
                                                                                record.seconds)]
     if app.state.audit is not None:
         observers.append(app.state.audit.record)
-    app.add_middleware(RequestRecordMiddleware, observers=observers)
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestRecordMiddleware, observers=observers)  # outermost: it records the 413s too
     app.include_router(native_api.router)
     app.include_router(native_api.websocket_router)
     app.include_router(openai_compat.router)

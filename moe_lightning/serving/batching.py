@@ -160,7 +160,8 @@ class MicroBatcher:
 
     @property
     def queue_depth(self) -> int:
-        """Jobs waiting for the model (not those being decoded)."""
+        """Jobs waiting for the model (not those being decoded, nor cancelled ones)."""
+        self._drop_cancelled()
         return len(self._pending)
 
     @property
@@ -180,6 +181,7 @@ class MicroBatcher:
         """Queue ``job``; raises :class:`QueueFullError` or :class:`BatcherClosedError` instead."""
         if not self.running:
             raise BatcherClosedError("the server is not running (shutting down, or not started)")
+        self._drop_cancelled()  # a cancelled job holds no place in the queue
         if len(self._pending) >= self.max_queue_size:
             raise QueueFullError(f"{len(self._pending)} requests are already waiting (max_queue_size)")
         self._pending.append(job)
@@ -199,11 +201,14 @@ class MicroBatcher:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
 
+    def _drop_cancelled(self) -> None:
+        if any(job.cancelled for job in self._pending):
+            self._pending = deque(job for job in self._pending if not job.cancelled)
+
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         while not self._closed:
-            while self._pending and self._pending[0].cancelled:
-                self._pending.popleft()
+            self._drop_cancelled()
             if not self._pending:
                 self._wakeup.clear()
                 await self._wakeup.wait()

@@ -73,6 +73,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
         if isinstance(error, ApiError):
             body = error.body()
+        elif isinstance(error.__cause__, UnicodeDecodeError):  # FastAPI's "error parsing the body" of bad UTF-8
+            cause = error.__cause__
+            body = error_body(400, f"the request body is not valid UTF-8: {cause.reason} at byte {cause.start}",
+                              code="invalid_json")
         else:
             body = error_body(error.status_code, str(error.detail))
         return JSONResponse(body, status_code=error.status_code, headers=error.headers)

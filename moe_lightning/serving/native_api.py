@@ -21,6 +21,7 @@ from starlette.websockets import WebSocketState
 
 from moe_lightning.serving.access import AccessControl, require
 from moe_lightning.serving.auth import Principal, check_role
+from moe_lightning.serving.disconnect import cancel_if_client_leaves
 from moe_lightning.serving.errors import ERROR_RESPONSES, ApiError, validation_error
 from moe_lightning.serving.request_records import note_principal, note_prompts
 from moe_lightning.serving.roles import GENERATION
@@ -41,10 +42,10 @@ websocket_router = APIRouter()
 
 @router.post("/v1/generate", response_model=GenerateResponse)
 async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
-    """Continue every prompt; answers when all are done."""
+    """Continue every prompt; answers when all are done (a client that leaves first cancels the request)."""
     note_prompts(request, body.prompts)
     stream = _start(request.app.state.service, body)
-    return _response(stream, await stream.collect())
+    return _response(stream, await cancel_if_client_leaves(request, stream.collect()))
 
 
 @router.post("/v1/generate/stream", response_class=EventSourceResponse, responses={

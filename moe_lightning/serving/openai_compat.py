@@ -17,10 +17,12 @@ from fastapi import APIRouter, Depends, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from moe_lightning.serving.access import require
+from moe_lightning.serving.disconnect import cancel_if_client_leaves
 from moe_lightning.serving.errors import ERROR_RESPONSES, ApiError, documented_errors
 from moe_lightning.serving.openai_schemas import (
     UNSUPPORTED_NEUTRAL_VALUES, Completion, CompletionChoice, CompletionRequest, ModelCard, ModelList,
 )
+from moe_lightning.serving.request_records import note_prompts
 from moe_lightning.serving.roles import GENERATION
 from moe_lightning.serving.service import GenerationService, GenerationStream
 
@@ -47,10 +49,11 @@ async def list_models(request: Request) -> ModelList:
 async def create_completion(body: CompletionRequest, request: Request) -> Completion | EventSourceResponse:
     """Complete each prompt, in OpenAI's completions format; ``stream: true`` sends chunks then ``data: [DONE]``."""
     service: GenerationService = request.app.state.service
+    note_prompts(request, body.prompt)
     stream = _start(service, body)
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if not body.stream:
-        outputs = await stream.collect()
+        outputs = await cancel_if_client_leaves(request, stream.collect())
         choices = [CompletionChoice(index=out.index, text=out.text or "", finish_reason=out.finish_reason,
                                     token_ids=out.tokens) for out in outputs]
         return Completion(id=completion_id, created=created, model=body.model, choices=choices, usage=stream.usage())

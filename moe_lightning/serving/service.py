@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 GREEDY_BELOW_TEMPERATURE = 1e-5
 """Temperatures below this decode greedily (dividing logits by less overflows float32 to inf)."""
 RETRY_AFTER_S = 1
-"""The Retry-After of a 429."""
+"""The Retry-After of a full queue's 429 and of a 503."""
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ class GenerationService:
             raise ApiError(429, f"the server is busy: {error}; retry later", code="queue_full",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from error
         except BatcherClosedError as error:
-            raise ApiError(503, str(error), code="unavailable") from error
+            raise ApiError(503, str(error), code="unavailable", headers={"Retry-After": str(RETRY_AFTER_S)}) from error
         return GenerationStream(job, self.tokenizer, stop_strings, deadline, self.settings.request_timeout_s)
 
     def _encode(self, prompt: str | Sequence[int], field: str) -> list[int]:
@@ -210,7 +210,7 @@ class GenerationStream:
             raise ApiError(503, f"the request took longer than request_timeout_s={self.timeout_s}", code="timeout",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from error
         except BatcherClosedError as error:
-            raise ApiError(503, str(error), code="unavailable") from error
+            raise ApiError(503, str(error), code="unavailable", headers={"Retry-After": str(RETRY_AFTER_S)}) from error
         except (ValueError, TypeError) as error:  # an argument the model refused that the checks above let through
             raise ApiError(400, str(error), code="invalid_value") from error
         except Exception as error:  # the model failed (a bug, or out of memory): logged, answered 500, even mid-stream
