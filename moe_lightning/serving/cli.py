@@ -33,9 +33,10 @@ _LIMIT_HELP = {
 
 
 def serve_main(argv: list[str]) -> None:
-    """``moe-lightning serve --checkpoint PATH [--host H] [--port P] [limits]``: the REST/WebSocket/OpenAI-compatible
-    server of a trained model. API keys come from --api-key-file (see ``moe-lightning serve add-key``) and
-    ``$MOE_LIGHTNING_API_KEYS`` (comma-separated plain keys with the admin role)."""
+    """``moe-lightning serve --checkpoint PATH [--host H] [--port P] [--grpc-port G] [limits]``: the
+    REST/WebSocket/OpenAI-compatible server of a trained model, and with --grpc-port its gRPC API. API keys come
+    from --api-key-file (see ``moe-lightning serve add-key``) and ``$MOE_LIGHTNING_API_KEYS`` (comma-separated plain
+    keys with the admin role)."""
     if argv[:1] == ["add-key"]:
         add_key_main(argv[1:])
         return
@@ -43,6 +44,10 @@ def serve_main(argv: list[str]) -> None:
     options = parser.parse_args(argv)
     if not 0 < options.port < 65536:
         parser.error(f"--port must be in 1..65535, got --port {options.port}")
+    if options.grpc_port is not None and not 0 < options.grpc_port < 65536:
+        parser.error(f"--grpc-port must be in 1..65535, got --grpc-port {options.grpc_port}")
+    if options.grpc_port == options.port:
+        parser.error(f"--grpc-port {options.grpc_port} is --port too: gRPC needs a port of its own")
     if options.ssl_keyfile is not None and options.ssl_certfile is None:
         parser.error("--ssl-keyfile needs --ssl-certfile (the certificate the key belongs to)")
     for flag, path in (("--ssl-certfile", options.ssl_certfile), ("--ssl-keyfile", options.ssl_keyfile)):
@@ -76,6 +81,8 @@ def serve_main(argv: list[str]) -> None:
         app = create_app(engine, settings, decoder=decoder, expert_cache_hit_rate=hit_rate)
     except ValueError as error:  # e.g. an audit log that can't be written
         parser.error(str(error))
+    if options.grpc_port is not None:
+        _serve_grpc(parser, app, options)
     auth = "WITHOUT authentication (--insecure-no-auth)" if settings.insecure_no_auth else (
         f"{len(settings.api_keys)} API key(s)")
     scheme = "http" if options.ssl_certfile is None else "https"
@@ -120,6 +127,23 @@ def add_key_main(argv: list[str]) -> None:
         print(key, flush=True)
 
 
+def _serve_grpc(parser: argparse.ArgumentParser, app, options: argparse.Namespace) -> None:
+    """Serve ``app``'s model over gRPC too (``--grpc-port``), in its process and event loop, over TLS with REST's
+    certificate."""
+    try:
+        from moe_lightning.serving.grpc.server import serve_grpc_beside, tls_credentials
+    except ImportError as error:
+        parser.error(f"--grpc-port needs the grpc extra (pip install 'moe-lightning[grpc]'): {error}")
+    try:
+        credentials = None if options.ssl_certfile is None else tls_credentials(options.ssl_certfile,
+                                                                                options.ssl_keyfile)
+    except ValueError as error:
+        parser.error(str(error))
+    server = serve_grpc_beside(app, options.host, options.grpc_port, credentials=credentials)
+    security = "plaintext" if credentials is None else "TLS"
+    print(f"serving gRPC ({security}) on {server.address}, with the same keys, limits and queue", flush=True)
+
+
 def _run_options(engine, options: argparse.Namespace, settings: ServerSettings):
     """The decoder and the expert-cache hit-rate reader that ``--cuda-graphs`` and ``--offload-*`` ask for."""
     from moe_lightning.inference import CompiledDecoder, hot_experts_from_stats, offload_experts
@@ -156,6 +180,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default=None, help="the run's config.yaml for a .ckpt (default: found beside it)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port to serve on (default: 8000)")
+    parser.add_argument("--grpc-port", type=int, default=None,
+                        help="serve the gRPC API (moe_lightning.serving.v1.Generation and grpc.health.v1.Health) on "
+                             "this port too, in the same process (default: no gRPC; needs the grpc extra)")
     parser.add_argument("--device", default=None, help="where to run the model, e.g. cuda:0 (default: cpu)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights dtype (default: as saved)")
     parser.add_argument("--model-name", default=_DEFAULTS["model_name"],
