@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.fabric.utilities import move_data_to_device
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
@@ -100,6 +100,8 @@ class ExpertFineTuning(FineTuningCallback):
         super().__init__(export_path)
         if freeze_non_experts and not freeze_routers:
             raise ValueError("freeze_non_experts=True freezes the routers too: it contradicts freeze_routers=False")
+        if experts is None and not freeze_routers:
+            raise ValueError("experts=None with freeze_routers=False and freeze_non_experts=False freezes nothing")
         self.experts = experts
         self.freeze_routers = freeze_routers
         self.freeze_non_experts = freeze_non_experts

@@ -121,6 +121,8 @@ def test_bad_expert_selections_are_named_before_anything_changes(experts, messag
     assert not list(tmp_path.iterdir())
 
 
-def test_contradictory_freezing_is_refused():
+def test_contradictory_or_empty_freezing_is_refused():
     with pytest.raises(ValueError, match="freeze_non_experts=True .* freeze_routers=False"):
         ExpertFineTuning(freeze_routers=False)
+    with pytest.raises(ValueError, match="freezes nothing"):
+        ExpertFineTuning(freeze_routers=False, freeze_non_experts=False)
