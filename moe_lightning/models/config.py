@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Literal, get_args
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
 
 from moe_lightning.experts.activations import Activation, check_activation
 from moe_lightning.experts.grouped import IMPLEMENTATIONS, Implementation
+from moe_lightning.models.router_spec import router_factory_from_spec
 
 QKNorm = Literal["none", "head", "projection"]
 QK_NORMS: tuple[str, ...] = get_args(QKNorm)
@@ -15,6 +17,21 @@ AttentionKind = Literal["softmax", "latent"]
 ATTENTION_KINDS: tuple[str, ...] = get_args(AttentionKind)
 LATENT_SIZES = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 """The sizes latent attention needs (``q_lora_rank`` may stay None)."""
+
+
+@dataclass
+class LayerOverride:
+    """How one MoE block departs from the model-wide router and expert count (``layer_overrides`` of the config)."""
+
+    layer: int
+    """Index of the block; it must be an MoE block."""
+    num_experts: int | None = None
+    """Routed experts of this block. None: the model's ``num_experts``."""
+    num_experts_per_token: int | None = None
+    """Top-k of this block's router, passed to it as ``num_experts_per_token``. None: the router's own."""
+    router: dict[str, Any] | None = None
+    """This block's router as ``class_path`` (a :class:`Router` subclass) and ``init_args``, as under the model's
+    ``router:``. None: the model's router."""
 
 
 @dataclass
@@ -91,6 +108,9 @@ class MoETransformerConfig:
     hf_model_type: str | None = None
     """The transformers family (``model_type``) the weights were imported from; :func:`export_hf` writes back to it
     by default. It changes nothing in the computation."""
+    layer_overrides: list[LayerOverride] = field(default_factory=list)
+    """Per-block departures from the model-wide router, ``num_experts`` and top-k, one :class:`LayerOverride` per
+    MoE block, e.g. ``[{layer: 3, num_experts: 16, router: {class_path: ..., init_args: {...}}}]``."""
 
     def __post_init__(self) -> None:
         check_activation(self.activation)
@@ -121,6 +141,7 @@ class MoETransformerConfig:
             raise ValueError(
                 f"experts_implementation must be one of {IMPLEMENTATIONS}, got {self.experts_implementation!r}"
             )
+        self._check_layer_overrides()
 
     def _check_softmax_attention(self) -> None:
         sizes = {name: getattr(self, name) for name in ("q_lora_rank", *LATENT_SIZES)}
@@ -173,6 +194,48 @@ class MoETransformerConfig:
                 f"moe_layers must be distinct indices in [0, num_layers={self.num_layers}), got "
                 f"moe_layers={self.moe_layers}"
             )
+
+    def _check_layer_overrides(self) -> None:
+        # Exports write the config as JSON, which gives each override back as a mapping.
+        self.layer_overrides = [
+            LayerOverride(**entry) if isinstance(entry, Mapping) else entry for entry in self.layer_overrides
+        ]
+        layers = [override.layer for override in self.layer_overrides]
+        repeated = sorted({i for i in layers if layers.count(i) > 1})
+        if repeated:
+            raise ValueError(f"layer_overrides names blocks {repeated} more than once, got layers {layers}")
+        moe_blocks = [i for i in range(self.num_layers) if self.is_moe_layer(i)]
+        for override in self.layer_overrides:
+            if override.layer not in moe_blocks:
+                where = "a dense block" if 0 <= override.layer < self.num_layers else (
+                    f"outside [0, num_layers={self.num_layers})")
+                raise ValueError(
+                    f"layer_overrides: layer={override.layer} is {where}; the MoE blocks are {moe_blocks}"
+                )
+            if override.num_experts is not None and override.num_experts < 1:
+                raise ValueError(
+                    f"layer_overrides: block {override.layer} needs num_experts >= 1, got {override.num_experts}"
+                )
+            num_experts = self.num_experts_in(override.layer)
+            top_k = override.num_experts_per_token
+            if top_k is not None and not 1 <= top_k <= num_experts:
+                raise ValueError(
+                    f"layer_overrides: block {override.layer} needs num_experts_per_token in [1, num_experts], got "
+                    f"num_experts_per_token={top_k} and num_experts={num_experts}"
+                )
+            try:
+                override.router is None or router_factory_from_spec(override.router)  # an importable Router class
+            except ValueError as error:
+                raise ValueError(f"layer_overrides: block {override.layer}: {error}") from error
+
+    def override_of(self, layer_idx: int) -> LayerOverride | None:
+        """The :class:`LayerOverride` of block ``layer_idx``, None if it has none."""
+        return next((override for override in self.layer_overrides if override.layer == layer_idx), None)
+
+    def num_experts_in(self, layer_idx: int) -> int:
+        """Routed experts of MoE block ``layer_idx``: its override's ``num_experts``, else ``num_experts``."""
+        override = self.override_of(layer_idx)
+        return self.num_experts if override is None or override.num_experts is None else override.num_experts
 
     @property
     def head_dim(self) -> int:

@@ -21,7 +21,7 @@ from moe_lightning.layer import MoELayer
 from moe_lightning.models.config import MoETransformerConfig
 from moe_lightning.models.kv_cache import KVCache
 from moe_lightning.models.latent_attention import LatentAttention
-from moe_lightning.models.router_spec import router_spec
+from moe_lightning.models.router_spec import router_factory_from_spec, router_spec
 from moe_lightning.routing import Router, Routing, TopKRouter
 
 RouterFactory = Callable[[int, int], Router]
@@ -113,6 +113,20 @@ def build_attention(config: MoETransformerConfig) -> nn.Module:
     return CausalSelfAttention(config)
 
 
+def build_router(config: MoETransformerConfig, layer_idx: int, router: RouterFactory) -> Router:
+    """The router of MoE block ``layer_idx``: the model's ``router`` factory, unless the block's
+    :class:`LayerOverride` names another router, expert count or top-k."""
+    override = config.override_of(layer_idx)
+    if override is None:
+        return router(config.dim, config.num_experts)
+    factory = router if override.router is None else router_factory_from_spec(override.router)
+    top_k = {} if override.num_experts_per_token is None else {"num_experts_per_token": override.num_experts_per_token}
+    try:
+        return factory(config.dim, config.num_experts_in(layer_idx), **top_k)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"layer_overrides: block {layer_idx}'s router: {error}") from error
+
+
 class TransformerBlock(nn.Module):
     """Pre-norm block: attention, then either an :class:`MoELayer` or a dense :class:`FeedForward`."""
 
@@ -130,10 +144,10 @@ class TransformerBlock(nn.Module):
                     gated=config.shared_expert_gate,
                 )
             experts = GroupedExperts(
-                config.num_experts, config.dim, config.expert_hidden_dim, config.activation,
+                config.num_experts_in(layer_idx), config.dim, config.expert_hidden_dim, config.activation,
                 config.experts_implementation, init_std=config.init_std,
             )
-            self.ffn = MoELayer(router(config.dim, config.num_experts), experts, shared)
+            self.ffn = MoELayer(build_router(config, layer_idx, router), experts, shared)
         else:
             self.ffn = FeedForward(config.dim, config.ffn_hidden_dim, config.activation)
 
@@ -160,7 +174,8 @@ class MoETransformer(nn.Module):
     per token only where the router's eval-mode decision is: top-k, hash, attention-based and (in eval mode)
     Sinkhorn routers are; expert choice and capacity-limited top-k look at the whole batch.
 
-    ``router_spec`` holds the router factory as data (``class_path`` and ``init_args``) when it is a
+    ``config.layer_overrides`` gives single blocks another router, expert count or top-k (see :class:`LayerOverride`);
+    ``router`` builds the others. ``router_spec`` holds the router factory as data (``class_path`` and ``init_args``) when it is a
     :class:`Router` class or a ``functools.partial`` of one (as LightningCLI builds it), else None; exports
     write it beside the weights.
 

@@ -129,5 +129,8 @@ def router_problems(model: MoETransformer, architecture: Architecture) -> list[s
 def check_fits(model: MoETransformer, family: HFFamily) -> None:
     """Raise a ValueError listing every setting of ``model`` that ``family`` cannot express."""
     problems = family.fit_check(model) if family.fit_check else fit_problems(model, family.architecture)
+    if model.config.layer_overrides:
+        problems.append(f"layer_overrides of blocks {[o.layer for o in model.config.layer_overrides]} (a transformers "
+                        "config has one router and expert count for every MoE block)")
     if problems:
         raise ValueError(f"the model does not fit {family.model_type}'s architecture: {problems}")
