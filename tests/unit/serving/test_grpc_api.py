@@ -2,6 +2,8 @@
 equal to unary calls, health, and every refusal as its gRPC status naming the value."""
 
 import json
+import threading
+import time
 
 import grpc
 import httpx
@@ -12,6 +14,7 @@ pytest.importorskip("grpc_health", reason="the grpc extra (grpcio, grpcio-health
 from google.rpc import error_details_pb2  # noqa: E402
 from grpc_status import rpc_status  # noqa: E402
 
+from moe_lightning.inference.decoding import EagerDecoder  # noqa: E402
 from moe_lightning.serving.app import create_app  # noqa: E402
 from moe_lightning.serving.grpc import generation_pb2 as pb  # noqa: E402
 from moe_lightning.serving.grpc.generation_pb2_grpc import GenerationStub  # noqa: E402
@@ -174,3 +177,42 @@ def test_roles_rate_limits_body_size_and_the_audit_log_are_rest_s(guarded):
         ("scraper", f"/{SERVICE}/Generate", 403), ("limited", f"/{SERVICE}/Generate", 429),
         ("tester", f"/{SERVICE}/Generate", 200)]
     assert grpc_records[-1]["client"] == "127.0.0.1"
+
+
+class GatedDecoder(EagerDecoder):
+    """Eager decoding whose steps after the first token wait until ``release`` is set (30 s at most)."""
+
+    def __init__(self, model) -> None:
+        super().__init__(model)
+        self.release = threading.Event()
+
+    def start(self, batch_size, max_len):
+        session = super().start(batch_size, max_len)
+        step = session.step
+
+        def gated_step(token_B, real_B):
+            self.release.wait(30)
+            return step(token_B, real_B)
+
+        session.step = gated_step
+        return session
+
+
+def test_a_stream_left_early_is_cancelled_and_recorded_as_the_client_s_leaving(engine, tmp_path):
+    decoder = GatedDecoder(engine.model)
+    audit = tmp_path / "audit.jsonl"
+    app = create_app(engine, settings(audit_log=str(audit)), decoder=decoder)
+    grpc_server = serve_grpc_beside(app, "127.0.0.1", 0)
+    with live_server(app), MoELightningGrpcClient(grpc_server.address, API_KEY, timeout=60) as client:
+        try:
+            for message in client.stream("Hi", max_new_tokens=8):  # the first token comes; the second waits
+                assert isinstance(message, TokenEvent)
+                break
+            deadline = time.monotonic() + 30
+            while not audit.read_text() and time.monotonic() < deadline:
+                time.sleep(0.02)
+        finally:
+            decoder.release.set()
+        assert client.generate("Hi", max_new_tokens=2).outputs[0].finish_reason == "length"  # the model moved on
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [(r["route"], r["status"]) for r in records][:1] == [(f"/{SERVICE}/GenerateStream", 499)]
