@@ -9,7 +9,8 @@ Replay reproduces the ordinary CPU build bit for bit: it draws every random op o
 from a generator started where the global CPU generator stood when the build began. Random draws that a rank does
 not keep (other ranks' experts, weights that a later init overwrites) still run, in chunks of
 :data:`CHUNK_ELEMENTS`, so that the stream stays in step: memory stays at the kept tensors plus one chunk, but every
-rank spends the CPU time of drawing the whole model's random numbers once (about 70 s for 6.9B parameters).
+rank spends the CPU time of drawing the whole model's random numbers once (110 s for olmoe-like-1b's 6.9B in
+bf16 on one core; ``benchmarks/meta_init_memory.py``).
 Chunking does not change the values: torch's CPU ``normal_`` and ``uniform_`` draw element after element, and
 ``normal_`` transforms 16 at a time, so chunks of a multiple of 16 (the tail merged into the last one) give the
 whole tensor's numbers.
@@ -42,6 +43,7 @@ CHUNK_ELEMENTS = 1 << 22
 
 _CHUNKABLE = {torch.ops.aten.normal_.default, torch.ops.aten.uniform_.default}
 _FILLS = {torch.ops.aten.fill_.Scalar, torch.ops.aten.zero_.default}
+_EMPTY = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default}
 
 
 class TensorSource(Protocol):
@@ -389,8 +391,6 @@ class _Replay:
                 self.values[ref.storage].view(-1)[lo - first : hi - first] = chunk[lo - start : hi - start]
             start = stop
 
-
-_EMPTY = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default}
 
 
 def _numel(size: tuple[int, ...]) -> int:
