@@ -74,11 +74,12 @@ async def serving(app: FastAPI, headers: dict[str, str] | None = None) -> AsyncI
 
 
 @contextmanager
-def live_server(app: FastAPI) -> Iterator[str]:
-    """``app`` served by uvicorn on a free loopback port, in a thread; yields its base URL."""
+def live_server(app: FastAPI, **config: Any) -> Iterator[str]:
+    """``app`` served by uvicorn (with these ``uvicorn.Config`` options) on a free loopback port, in a thread; yields
+    its base URL (https with ``ssl_certfile``)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **config))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -87,7 +88,7 @@ def live_server(app: FastAPI) -> Iterator[str]:
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        yield f"{'https' if 'ssl_certfile' in config else 'http'}://127.0.0.1:{sock.getsockname()[1]}"
     finally:
         server.should_exit = True
         thread.join(timeout=30)
