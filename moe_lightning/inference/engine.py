@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from moe_lightning.checkpoint.errors import ArtifactError
+from moe_lightning.checkpoint.integrity import check_artifact, configured_trusted_key
 from moe_lightning.inference.export import load_safetensors
 from moe_lightning.inference.generate import Prompts, check_per_token_routing, generate
 from moe_lightning.inference.lightning_checkpoint import load_lightning_checkpoint
@@ -24,7 +26,7 @@ class InferenceEngine:
     @classmethod
     def from_checkpoint(
         cls, path: str | Path, config: str | Path | None = None,
-        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None, trusted_key: Any = None,
     ) -> InferenceEngine:
         """Load a trained model.
 
@@ -35,16 +37,24 @@ class InferenceEngine:
                 LightningCLI ``config.yaml`` (see :func:`load_lightning_checkpoint`).
             config: the run's ``config.yaml`` for a ``.ckpt`` found elsewhere than in LightningCLI's layout.
             device, dtype: where and in which floating dtype to run; default: the CPU and the saved dtype.
+            trusted_key: an Ed25519 public key (a PEM file, or an ``Ed25519PublicKey``) whose signature the file
+                must carry (see ``moe-lightning sign``); default: the file ``$MOE_LIGHTNING_TRUSTED_KEY`` names, if
+                set. With a trusted key a ``.ckpt`` is refused (its architecture comes from an unsigned YAML).
+
+        Raises:
+            ArtifactError: (a ``ValueError``) naming the file: truncated or corrupt; not matching its hash manifest
+                (checked whenever the file has one: one more streaming read of the file); with a trusted key,
+                unsigned or signed by another key.
         """
-        return cls(load_model(path, config).to(device=device, dtype=dtype))
+        return cls(load_model(path, config, trusted_key).to(device=device, dtype=dtype))
 
     def generate(self, prompts: Prompts, max_new_tokens: int, **sampling: Any) -> list[list[int]]:
         """New tokens per prompt; ``sampling`` are :func:`generate`'s keyword arguments."""
         return generate(self.model, prompts, max_new_tokens, **sampling)
 
 
-def load_model(path: str | Path, config: str | Path | None = None) -> MoETransformer:
-    """The model of a checkpoint file, on the CPU (see :meth:`InferenceEngine.from_checkpoint` for the formats)."""
+def load_model(path: str | Path, config: str | Path | None = None, trusted_key: Any = None) -> MoETransformer:
+    """The model of a checkpoint file, on the CPU, checked as :meth:`InferenceEngine.from_checkpoint` says."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(
@@ -55,6 +65,13 @@ def load_model(path: str | Path, config: str | Path | None = None) -> MoETransfo
         raise ValueError(f"checkpoint {path} must be a .safetensors export or a Lightning .ckpt file")
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    trusted_key = configured_trusted_key(trusted_key)
+    if path.suffix == ".ckpt" and trusted_key is not None:
+        raise ArtifactError(path, (
+            f"{path} is a Lightning .ckpt and a trusted key is configured: a .ckpt cannot be signed (its architecture "
+            f"comes from an unsigned config.yaml); export it with `moe-lightning export {path} OUT.safetensors`, "
+            "sign OUT.safetensors and load that"))
+    check_artifact(path, trusted_key)
     if path.suffix == ".ckpt":
         return load_lightning_checkpoint(path, config)
     if config is not None:

@@ -8,10 +8,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from moe_lightning.checkpoint.integrity import write_manifest
+from moe_lightning.checkpoint.reading import load_safetensors_file, safetensors_metadata
 from moe_lightning.models import MoETransformer, MoETransformerConfig
 from moe_lightning.models.router_spec import router_factory_from_spec
 
@@ -20,7 +21,8 @@ FORMAT_KEY, CONFIG_KEY, ROUTER_KEY = "moe_lightning.format", "moe_lightning.conf
 
 
 def export_safetensors(module_or_model: nn.Module, path: str | Path, router: dict[str, Any] | None = None) -> None:
-    """Write the model's weights and architecture to one ``.safetensors`` file.
+    """Write the model's weights and architecture to one ``.safetensors`` file, and its hash manifest beside it
+    (``<path>.manifest.json``, see :mod:`moe_lightning.checkpoint.integrity`).
 
     Args:
         module_or_model: a :class:`MoETransformer`, or a module holding one as ``.model`` (``MoELightningModule``).
@@ -55,19 +57,23 @@ def write_model_file(
         **(extra_metadata or {}),
     }
     save_file({key: value.detach().cpu().contiguous() for key, value in state.items()}, str(path), metadata=metadata)
+    write_manifest(path)  # beside the file: SHA-256 and metadata, checked when the engine loads it
 
 
 def load_safetensors(path: str | Path) -> MoETransformer:
-    """The model :func:`export_safetensors` wrote, on the CPU, every tensor in its saved dtype."""
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata() or {}
+    """The model :func:`export_safetensors` wrote, on the CPU, every tensor in its saved dtype.
+
+    It does not check the file against its manifest (:meth:`InferenceEngine.from_checkpoint` does); a truncated or
+    corrupt file raises :class:`~moe_lightning.checkpoint.errors.ArtifactError` naming it.
+    """
+    metadata = safetensors_metadata(path)
     if metadata.get(FORMAT_KEY) != FORMAT:
         raise ValueError(
             f"{path} is not an export_safetensors file: its metadata has {FORMAT_KEY}={metadata.get(FORMAT_KEY)!r}, "
             f"expected {FORMAT!r}"
         )
     model = build_model(json.loads(metadata[CONFIG_KEY]), json.loads(metadata[ROUTER_KEY]))
-    load_weights(model, load_file(str(path)), str(path))
+    load_weights(model, load_safetensors_file(path), str(path))
     return model
 
 

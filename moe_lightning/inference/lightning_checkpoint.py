@@ -16,9 +16,9 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
+from moe_lightning.checkpoint.reading import load_torch_file
 from moe_lightning.inference.export import build_model, load_weights
 from moe_lightning.models import MoETransformer
 
@@ -35,9 +35,9 @@ def load_lightning_checkpoint(path: str | Path, config: str | Path | None = None
     """
     path = Path(path)
     config_path = Path(config) if config is not None else find_run_config(path)
-    model_args = model_init_args(yaml.safe_load(config_path.read_text()), config_path)
+    model_args = model_init_args(read_run_config(config_path), config_path)
     model = build_model(model_args.get("config"), model_args.get("router"))
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_torch_file(path)
     state = {
         key.removeprefix(MODEL_PREFIX): value
         for key, value in checkpoint.get("state_dict", {}).items()
@@ -45,6 +45,15 @@ def load_lightning_checkpoint(path: str | Path, config: str | Path | None = None
     }
     load_weights(model, state, f"{path} (architecture from {config_path})")
     return model
+
+
+def read_run_config(path: Path) -> Any:
+    """The parsed YAML of a run's ``config.yaml``; a file that is not YAML is named in the error."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid YAML ({str(error).splitlines()[0]}): give the run's config.yaml, "
+                         "as LightningCLI wrote it") from error
 
 
 def find_run_config(checkpoint: Path) -> Path:

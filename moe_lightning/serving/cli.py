@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from moe_lightning.checkpoint.cli_options import add_trusted_key_argument, exit_on_artifact_error
+from moe_lightning.checkpoint.errors import ArtifactError
 from moe_lightning.serving.keys import (
     API_KEYS_ENV, MIN_SUPPLIED_KEY_LENGTH, ApiKeyRecord, RateLimit, add_key, load_api_keys, new_key,
 )
@@ -73,8 +75,11 @@ def serve_main(argv: list[str]) -> None:
         parser.error("--pin-hot-from pins experts in the expert cache: give --offload-capacity too")
     try:
         engine = InferenceEngine.from_checkpoint(options.checkpoint, options.config, options.device,
-                                                 DTYPES[options.dtype] if options.dtype else None)
+                                                 DTYPES[options.dtype] if options.dtype else None,
+                                                 trusted_key=options.trusted_key)
         decoder, hit_rate = _run_options(engine, options, settings)
+    except ArtifactError as error:  # a truncated, corrupt, unsigned or untrusted checkpoint
+        exit_on_artifact_error(parser, error)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     try:
@@ -178,6 +183,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-lightning serve", description=serve_main.__doc__)
     parser.add_argument("--checkpoint", required=True, help="a .safetensors export or a Lightning .ckpt")
     parser.add_argument("--config", default=None, help="the run's config.yaml for a .ckpt (default: found beside it)")
+    add_trusted_key_argument(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port to serve on (default: 8000)")
     parser.add_argument("--grpc-port", type=int, default=None,

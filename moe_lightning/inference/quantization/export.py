@@ -12,10 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 
+from moe_lightning.checkpoint.reading import load_safetensors_file, safetensors_metadata
 from moe_lightning.experts.grouped import GroupedExperts
 from moe_lightning.inference.export import (
     CONFIG_KEY,
@@ -68,7 +67,7 @@ def save_quantized(module_or_model: nn.Module, path: str | Path, router: dict[st
 
 def load_quantized(path: str | Path) -> MoETransformer:
     """The model :func:`save_quantized` wrote, on the CPU and in eval mode."""
-    metadata = _metadata(path)
+    metadata = safetensors_metadata(path)
     if metadata.get(FORMAT_KEY) != QUANTIZED_FORMAT:
         hint = ": it is a plain export, load it with load_safetensors" if metadata.get(FORMAT_KEY) == FORMAT else ""
         raise ValueError(f"{path} is not a save_quantized file: its metadata has {FORMAT_KEY}="
@@ -89,20 +88,13 @@ def load_quantized(path: str | Path) -> MoETransformer:
         if not isinstance(original, expected):
             raise ValueError(f"{path} quantises {name} as {kind}, but the model's {name} is {type(original).__name__}")
         model.set_submodule(name, KINDS[kind].empty_like(original, config))
-    load_weights(model, load_file(str(path)), str(path))
+    load_weights(model, load_safetensors_file(path), str(path))
     return model.eval()
 
 
 def is_quantized_file(path: str | Path) -> bool:
     """Whether ``path`` is a :func:`save_quantized` file (reads only its metadata)."""
-    return _metadata(path).get(FORMAT_KEY) == QUANTIZED_FORMAT
-
-
-def _metadata(path: str | Path) -> dict[str, str]:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    with safe_open(str(path), "pt") as f:
-        return f.metadata() or {}
+    return safetensors_metadata(path).get(FORMAT_KEY) == QUANTIZED_FORMAT
 
 
 def _kind(module: nn.Module) -> str:
