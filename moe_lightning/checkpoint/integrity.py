@@ -11,9 +11,10 @@ sharded training checkpoint). Its manifest is a JSON document listing each file'
 ``moe-lightning sign`` adds a signature of the manifest's bytes (see :mod:`moe_lightning.checkpoint.signing`) at the
 manifest's path plus ``.sig``.
 
-Cost of :func:`verify_manifest`: one sequential read of every file through SHA-256 in 1 MiB chunks, so constant
-memory and, on one core, about the time of reading the files once more (SHA-256 runs at roughly 1-2 GB/s on a
-current x86 core; the file is then read again by the loader, usually from the page cache).
+Cost of :func:`verify_manifest`: one sequential read of every file through SHA-256 in 1 MiB chunks, on one core
+and in constant memory; the loader then reads the file again, usually from the page cache. Measured: 0.62 GiB/s
+(1.6 s per GiB) on a shared 2-core Xeon VM with SHA extensions; on a 10 GiB model that is about 16 s more per load,
+or the disk's read time if that is slower.
 """
 
 from __future__ import annotations
@@ -106,15 +107,18 @@ def parse_manifest(path: Path, data: bytes) -> dict[str, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ArtifactError(path, f"manifest {path} is corrupt ({error}): write the artifact again, or delete "
                                   "the manifest and sign the artifact anew") from error
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict) or not all(
-        isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and isinstance(entry.get("bytes"), int)
-        for entry in files.values()
-    ):
-        raise ArtifactError(path, f"{path} is not a {MANIFEST_FORMAT} manifest (format "
-                                  f"{manifest.get('format') if isinstance(manifest, dict) else None!r}, or files without "
+    if not _well_formed(manifest):
+        raise ArtifactError(path, f"{path} is not a {MANIFEST_FORMAT} manifest (another format, or files without "
                                   "sha256 and bytes): write the artifact again, or delete the file and sign anew")
     return manifest
+
+
+def _well_formed(manifest: Any) -> bool:
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    return isinstance(files, dict) and manifest.get("format") == MANIFEST_FORMAT and all(
+        isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and isinstance(entry.get("bytes"), int)
+        for entry in files.values()
+    )
 
 
 def verify_manifest(artifact: str | Path, manifest: dict[str, Any] | None = None, required: bool = False) -> bool:
