@@ -98,7 +98,8 @@ def create_app(
 
     @app.get("/metrics", tags=["server"], dependencies=[Depends(require(METRICS))], response_class=Response,
              responses={200: {"content": {metrics.content_type: {}}, "description": "Prometheus text"},
-                        **documented_errors((401, "missing or invalid API key"), (403, "the key lacks the metrics role"),
+                        **documented_errors((401, "missing or invalid API key"),
+                                            (403, "the key lacks the metrics role"),
                                             (429, "the key is over its rate limit (see Retry-After)"))})
     async def prometheus_metrics() -> Response:
         """The Prometheus metrics, in the text exposition format."""

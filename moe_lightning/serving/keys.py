@@ -7,7 +7,8 @@ A key file looks like::
                "rate_limit": {"requests_per_second": 2.0, "burst": 10}}]}
 
 Keys are SHA-256 hashed: a generated key holds 256 random bits, which no fast hash makes guessable, and a slow KDF
-(scrypt) would add its cost to every request. Keys supplied by hand must therefore be long (``MIN_SUPPLIED_KEY_LENGTH``).
+(scrypt) would add its cost to every request. Keys supplied by hand must therefore be long
+(``MIN_SUPPLIED_KEY_LENGTH``).
 """
 
 from __future__ import annotations

@@ -32,7 +32,8 @@ _CHUNK_LEAVES_OUT = {"usage": True, "choices": {"__all__": {"token_ids"}}}
 DEFAULT_TEMPERATURE = 1.0
 
 router = APIRouter(
-    dependencies=[Depends(require(GENERATION))], responses={**ERROR_RESPONSES, **documented_errors((404, "unknown model"))},
+    dependencies=[Depends(require(GENERATION))],
+    responses={**ERROR_RESPONSES, **documented_errors((404, "unknown model"))},
     tags=["openai"],
 )
 

@@ -52,7 +52,9 @@ class ServerSettings:
             )
         not_records = [type(key).__name__ for key in self.api_keys if not isinstance(key, ApiKeyRecord)]
         if not_records:
-            raise TypeError(f"api_keys must be ApiKeyRecords (ApiKeyRecord.of_key hashes a plain key), got {not_records}")
+            raise TypeError(
+                f"api_keys must be ApiKeyRecords (ApiKeyRecord.of_key hashes a plain key), got {not_records}"
+            )
         names = [key.name for key in self.api_keys]
         if len(set(names)) < len(names):
             raise ValueError(f"each API key needs its own name, got {names}")
