@@ -1,5 +1,6 @@
 """Who is calling, and may they: :class:`Authenticator` turns a presented API key into a :class:`Principal` (401
-otherwise) and checks its roles (403). Transport-free: the HTTP app and a gRPC servicer share it."""
+otherwise), :func:`check_role` checks its roles (403). Transport-free: the HTTP app and a gRPC servicer share them
+(through :class:`moe_lightning.serving.access.AccessControl`)."""
 
 from __future__ import annotations
 
@@ -50,12 +51,6 @@ class Authenticator:
         if found is None:
             raise _unauthenticated("invalid API key")
         return Principal(found.name, found.roles, found.rate_limit)
-
-    def authorize(self, key: str | None, allowed: frozenset[Role]) -> Principal:
-        """:meth:`authenticate`, then :func:`check_role`."""
-        principal = self.authenticate(key)
-        check_role(principal, allowed)
-        return principal
 
 
 def check_role(principal: Principal, allowed: frozenset[Role]) -> None:
