@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,13 @@ from rich.table import Table
 from typing_extensions import override
 
 from moe_lightning.analytics import LayerSummary, summarize_routings
-from moe_lightning.checkpoint.cli_options import add_trusted_key_argument, exit_on_artifact_error
-from moe_lightning.checkpoint.errors import ArtifactError
 from moe_lightning.module import MoELightningModule, unpack_output
+
+DEBUG_ENV = "MOE_LIGHTNING_DEBUG"
+DEBUG_HELP = (
+    f"A configuration mistake prints one line naming the values (no traceback); set {DEBUG_ENV}=1 for the full "
+    "traceback. A run that fails before writing anything but its saved config leaves no log directory behind."
+)
 
 TRAINER_DEFAULTS = {
     "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs", "name": "moe"}},
@@ -57,11 +62,27 @@ class MoELightningCLI(LightningCLI):
         kwargs.setdefault("datamodule_class", LightningDataModule)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
+        kwargs.setdefault(
+            "parser_kwargs", {"epilog": DEBUG_HELP, **{name: {"epilog": DEBUG_HELP} for name in self.subcommands()}}
+        )
         super().__init__(*args, **kwargs)
 
     @override
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         return super()._instantiate_trainer(config, callbacks + default_callbacks(config, callbacks))
+
+    @override
+    def _run_subcommand(self, subcommand: str) -> None:
+        log_dir = None if self.trainer.log_dir is None else Path(self.trainer.log_dir).absolute()
+        created_here = log_dir is not None and not log_dir.exists()
+        existing_parent = next(parent for parent in log_dir.parents if parent.exists()) if created_here else None
+        try:
+            super()._run_subcommand(subcommand)
+        except Exception:
+            if created_here and self.trainer.is_global_zero:
+                config_filename = self.save_config_kwargs.get("config_filename", "config.yaml")
+                remove_unstarted_log_dir(log_dir, config_filename, existing_parent)
+            raise
 
     def after_fit(self) -> None:
         datamodule = self.trainer.datamodule
@@ -76,6 +97,48 @@ class MoELightningCLI(LightningCLI):
             checkpoint.best_model_path or checkpoint.last_model_path if checkpoint is not None else None,
             summaries,
         )
+
+
+def remove_unstarted_log_dir(log_dir: Path, config_filename: str, existing_parent: Path) -> None:
+    """Remove the log directory of a failed run if it holds only what every run writes before it starts: the saved
+    config and TensorBoard event files without a single event, then its parents up to ``existing_parent`` while they
+    are empty. Anything else in it keeps it (and all its files)."""
+    if not log_dir.is_dir():
+        return
+    event_files = list(log_dir.glob("events.out.tfevents.*"))
+    startup_files = {log_dir / config_filename, *event_files}
+    if set(log_dir.iterdir()) - startup_files or not all(map(holds_no_events, event_files)):
+        return
+    for path in startup_files:
+        path.unlink(missing_ok=True)
+    log_dir.rmdir()
+    for parent in log_dir.parents:
+        if parent == existing_parent or any(parent.iterdir()):
+            return
+        parent.rmdir()
+
+
+def holds_no_events(event_file: Path) -> bool:
+    """Whether a TensorBoard event file holds nothing but its file-version header."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    return all(event.WhichOneof("what") == "file_version" for event in EventFileLoader(str(event_file)).Load())
+
+
+def user_error(error: BaseException) -> BaseException:
+    """The error a class's own check raised, out of the "Does not validate against any of the Union subtypes" errors
+    jsonargparse wraps it in, one per Union type hint on the way; ``error`` itself if no such error is inside."""
+    cause = error
+    while cause.__cause__ is not None and raised_in_jsonargparse(cause):
+        cause = cause.__cause__
+    return error if raised_in_jsonargparse(cause) else cause
+
+
+def raised_in_jsonargparse(error: BaseException) -> bool:
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and frame.tb_frame.f_globals.get("__name__", "").startswith("jsonargparse")
 
 
 @torch.no_grad()
@@ -152,9 +215,7 @@ def export_main(args: list[str]) -> None:
 
     try:
         export_safetensors(load_lightning_checkpoint(options.checkpoint, options.config), options.out)
-    except ArtifactError as error:
-        exit_on_artifact_error(parser, error)
-    except (ValueError, FileNotFoundError) as error:
+    except ValueError as error:
         parser.error(str(error))
     print(f"exported: {options.out}")
 
@@ -171,20 +232,17 @@ def generate_main(args: list[str]) -> None:
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
-    add_trusted_key_argument(parser)
     options = parser.parse_args(args)
     from moe_lightning.inference import InferenceEngine
 
     try:
         ids = list(options.prompt.encode()) if options.prompt is not None else [int(t) for t in options.prompt_ids.split(",")]
-        engine = InferenceEngine.from_checkpoint(options.checkpoint, trusted_key=options.trusted_key)
+        engine = InferenceEngine.from_checkpoint(options.checkpoint)
         (new_ids,) = engine.generate(
             [ids], options.max_new_tokens, temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
             seed=options.seed,
         )
-    except ArtifactError as error:
-        exit_on_artifact_error(parser, error)
-    except (ValueError, FileNotFoundError) as error:
+    except ValueError as error:
         parser.error(str(error))
     print(options.prompt + bytes(new_ids).decode(errors="replace") if options.prompt is not None else new_ids)
 
@@ -227,25 +285,21 @@ def export_hf_main(args: list[str]) -> None:
     parser.add_argument("--config", default=None, help="a .ckpt run's config.yaml (default: found beside it)")
     parser.add_argument("--max-shard-bytes", type=int, default=None, help="start a new shard past this size (5 GiB)")
     options = parser.parse_args(args)
-    from moe_lightning.checkpoint.integrity import write_manifest
     from moe_lightning.inference.engine import load_model
     from moe_lightning.inference.quantization.export import is_quantized_file
 
     checkpoint = Path(options.checkpoint)
+    if checkpoint.suffix == ".safetensors" and checkpoint.is_file() and is_quantized_file(checkpoint):
+        parser.error(f"{checkpoint} is quantized: export-hf writes float weights; export the unquantized model")
     try:
-        if checkpoint.suffix == ".safetensors" and checkpoint.is_file() and is_quantized_file(checkpoint):
-            parser.error(f"{checkpoint} is quantized: export-hf writes float weights; export the unquantized model")
         from moe_lightning.models.hf import export_hf
         from moe_lightning.models.hf.export import DEFAULT_MAX_SHARD_BYTES
 
         model = load_model(checkpoint, options.config)
         max_shard_bytes = DEFAULT_MAX_SHARD_BYTES if options.max_shard_bytes is None else options.max_shard_bytes
         export_hf(model, options.out_dir, options.family, max_shard_bytes)
-        write_manifest(options.out_dir)
     except ModuleNotFoundError as error:
         parser.error(f"{error.name} is missing: pip install 'moe-lightning[hf]'")
-    except ArtifactError as error:
-        exit_on_artifact_error(parser, error)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     print(f"exported: {options.out_dir}")
@@ -265,75 +319,9 @@ def serve_main(args: list[str]) -> None:
     run(args)
 
 
-def keygen_main(args: list[str]) -> None:
-    """``moe-lightning keygen OUT``: a new Ed25519 key pair, the private key in OUT (mode 0600), the public one in
-    OUT.pub."""
-    parser = argparse.ArgumentParser(prog="moe-lightning keygen", description=keygen_main.__doc__)
-    parser.add_argument("out", help="the private key file to write (it must not exist)")
-    options = parser.parse_args(args)
-    signing = _signing_module(parser)
-    try:
-        private_path, public_path = signing.generate_key_pair(options.out)
-    except ValueError as error:
-        parser.error(str(error))
-    print(f"private key: {private_path} (keep it secret)\npublic key: {public_path} "
-          f"(key id {signing.key_id(signing.load_public_key(public_path))})")
-
-
-def sign_main(args: list[str]) -> None:
-    """``moe-lightning sign ARTIFACT --key PRIVATE_KEY``: sign the hash manifest of a .safetensors file or a
-    directory of shards (written first when the artifact has none; an artifact that no longer matches its
-    manifest is refused)."""
-    parser = argparse.ArgumentParser(prog="moe-lightning sign", description=sign_main.__doc__)
-    parser.add_argument("artifact", help="a .safetensors file, or a directory (transformers export, sharded checkpoint)")
-    parser.add_argument("--key", required=True, help="the Ed25519 private key file (moe-lightning keygen)")
-    options = parser.parse_args(args)
-    signing = _signing_module(parser)
-    try:
-        key = signing.load_private_key(options.key)
-        signature = signing.sign_artifact(options.artifact, key)
-    except ArtifactError as error:
-        exit_on_artifact_error(parser, error)
-    except (ValueError, FileNotFoundError) as error:
-        parser.error(str(error))
-    print(f"signed: {options.artifact} -> {signature} (key id {signing.key_id(key.public_key())})")
-
-
-def verify_main(args: list[str]) -> None:
-    """``moe-lightning verify ARTIFACT [--public-key PUB]``: check every file against the artifact's hash manifest
-    and, with --public-key, that the key signed the manifest. Exits non-zero naming the file that failed."""
-    parser = argparse.ArgumentParser(prog="moe-lightning verify", description=verify_main.__doc__)
-    parser.add_argument("artifact", help="a .safetensors file or a directory")
-    parser.add_argument("--public-key", default=None, help="the signer's Ed25519 public key file (keygen's OUT.pub)")
-    options = parser.parse_args(args)
-    from moe_lightning.checkpoint.integrity import artifact_files, verify_manifest
-
-    try:
-        if options.public_key is None:
-            verify_manifest(options.artifact, required=True)
-            signed_by = "unsigned check: give --public-key to check the signature"
-        else:
-            signed_by = f"signed by key {_signing_module(parser).verify_signed(options.artifact, options.public_key)}"
-        count = len(artifact_files(options.artifact))
-    except ArtifactError as error:
-        exit_on_artifact_error(parser, error)
-    except (ValueError, FileNotFoundError) as error:
-        parser.error(str(error))
-    print(f"verified: {options.artifact} ({count} file(s) match the manifest; {signed_by})")
-
-
-def _signing_module(parser: argparse.ArgumentParser) -> Any:
-    try:  # cryptography only for these subcommands
-        from moe_lightning.checkpoint import signing
-    except ModuleNotFoundError as error:
-        parser.error(f"{error.name} is missing: pip install 'moe-lightning[sign]'")
-    return signing
-
-
 SUBCOMMANDS = {
     "report": report_main, "dashboard": dashboard_main, "export": export_main, "generate": generate_main,
     "quantize": quantize_main, "serve": serve_main, "import-hf": import_hf_main, "export-hf": export_hf_main,
-    "keygen": keygen_main, "sign": sign_main, "verify": verify_main,
 }
 
 
@@ -341,4 +329,9 @@ def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] and argv[0] in SUBCOMMANDS:
         return SUBCOMMANDS[argv[0]](argv[1:])
-    MoELightningCLI(args=args)
+    try:
+        MoELightningCLI(args=args)
+    except (ValueError, TypeError) as error:
+        if os.environ.get(DEBUG_ENV, "0") not in ("", "0"):
+            raise
+        sys.exit(f"moe-lightning: error: {user_error(error)}\n({DEBUG_ENV}=1 shows the traceback)")

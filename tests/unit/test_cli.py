@@ -3,12 +3,15 @@
 import json
 import os
 import platform
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from moe_lightning.cli import MoELightningCLI
+from moe_lightning.cli import DEBUG_ENV, MoELightningCLI, main, remove_unstarted_log_dir
 from tests.unit.helpers import LossRecorder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -120,3 +123,88 @@ def test_fixed_seed_run_reproduces_its_recorded_loss_trace_bit_for_bit(tmp_path)
         assert hex_trace == recorded["loss_hex"]
     else:
         assert trace == pytest.approx([float.fromhex(x) for x in recorded["loss_hex"]], rel=1e-5)
+
+
+TINY = ROOT / "configs" / "tiny.yaml"
+ONE_STEP = ["--trainer.max_steps=1", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+            "--data.init_args.max_bytes=200000"]
+CONFIG_MISTAKES = [
+    ([f"{ROUTER_ARGS}.num_experts_per_token=7", f"{MODEL_CONFIG}.num_experts=6"], r"top_k=7 and num_experts=6"),
+    ([f"{MODEL_CONFIG}.num_heads=5", f"{MODEL_CONFIG}.dim=48"], r"dim=48 and num_heads=5"),
+    ([f"{MODEL_CONFIG}.vocab_size=100"], r"vocab_size=256 .* vocab_size=100"),
+]
+
+
+def fit_args(runs: Path, *extra: str) -> list[str]:
+    return ["fit", "--config", str(TINY), f"--trainer.logger.init_args.save_dir={runs}", *ONE_STEP, *extra]
+
+
+@pytest.mark.parametrize("extra, message", CONFIG_MISTAKES)
+def test_a_config_mistake_exits_with_one_message_and_leaves_no_run_directory(extra, message, tmp_path, monkeypatch):
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(fit_args(tmp_path / "runs", *extra))
+    first, *rest = str(exit_info.value.code).splitlines()
+    assert re.search(message, first) and first.startswith("moe-lightning: error: ")
+    assert rest == [f"({DEBUG_ENV}=1 shows the traceback)"]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_debug_variable_shows_the_error_itself(tmp_path, monkeypatch):
+    monkeypatch.setenv(DEBUG_ENV, "1")
+    with pytest.raises(ValueError, match="vocab mismatch"):
+        main(fit_args(tmp_path / "runs", f"{MODEL_CONFIG}.vocab_size=100"))
+
+
+def test_the_console_shows_the_message_once_without_a_traceback(tmp_path):
+    env = {key: value for key, value in os.environ.items() if key != DEBUG_ENV}
+    args = fit_args(tmp_path / "runs", f"{MODEL_CONFIG}.num_heads=5", f"{MODEL_CONFIG}.dim=48")
+    done = subprocess.run([Path(sys.executable).parent / "moe-lightning", *args], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr and done.stderr.count("dim=48 and num_heads=5") == 1
+    assert len((done.stdout + done.stderr).splitlines()) <= 4
+
+
+def test_help_documents_the_debug_variable(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    assert f"{DEBUG_ENV}=1" in capsys.readouterr().out
+
+
+def test_only_a_log_directory_without_results_is_removed(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    def run_dir(name: str, scalar: bool = False, extra_file: str | None = None) -> Path:
+        log_dir = tmp_path / "runs" / name
+        writer = SummaryWriter(log_dir)
+        if scalar:
+            writer.add_scalar("train/loss", 1.0, 0)
+        writer.close()
+        (log_dir / "config.yaml").write_text("seed_everything: 0\n")
+        if extra_file:
+            (log_dir / extra_file).write_text("x")
+        return log_dir
+
+    with_scalar, with_checkpoint, empty = run_dir("a", scalar=True), run_dir("b", extra_file="last.ckpt"), run_dir("c")
+    for log_dir in (with_scalar, with_checkpoint, empty):
+        remove_unstarted_log_dir(log_dir, "config.yaml", tmp_path)
+    assert with_scalar.is_dir() and with_checkpoint.is_dir() and len(list(with_scalar.iterdir())) == 2
+    assert not empty.exists() and (tmp_path / "runs").is_dir()
+
+
+def test_layer_overrides_recipe_trains_and_its_export_loads_with_the_same_logits(tmp_path):
+    from moe_lightning.inference import load_lightning_checkpoint, load_safetensors
+
+    runs = tmp_path / "runs"
+    main(["fit", "--config", str(ROOT / "configs" / "tiny-layer-overrides.yaml"), f"--trainer.logger.init_args.save_dir={runs}",
+          "--trainer.max_steps=3", "--trainer.limit_val_batches=1", "--trainer.val_check_interval=3", *ONE_STEP[1:]])
+    (checkpoint,) = runs.glob("moe/version_0/checkpoints/last.ckpt")
+    main(["export", str(checkpoint), str(tmp_path / "model.safetensors")])
+    trained, exported = load_lightning_checkpoint(checkpoint).eval(), load_safetensors(tmp_path / "model.safetensors").eval()
+    assert [type(layer.router).__name__ for layer in exported.moe_layers] == [
+        "TopKRouter", "ExpertChoiceRouter", "TopKRouter", "TopKRouter"]
+    assert [layer.num_experts for layer in exported.moe_layers] == [8, 16, 8, 8]
+    assert exported.moe_layers[3].router.num_experts_per_token == 1
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(exported(ids).logits, trained(ids).logits, rtol=0, atol=0)
