@@ -19,6 +19,8 @@ from rich.table import Table
 from typing_extensions import override
 
 from moe_lightning.analytics import LayerSummary, summarize_routings
+from moe_lightning.checkpoint.cli_options import add_trusted_key_argument, exit_on_artifact_error
+from moe_lightning.checkpoint.errors import ArtifactError
 from moe_lightning.module import MoELightningModule, unpack_output
 
 DEBUG_ENV = "MOE_LIGHTNING_DEBUG"
@@ -215,7 +217,9 @@ def export_main(args: list[str]) -> None:
 
     try:
         export_safetensors(load_lightning_checkpoint(options.checkpoint, options.config), options.out)
-    except ValueError as error:
+    except ArtifactError as error:
+        exit_on_artifact_error(parser, error)
+    except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     print(f"exported: {options.out}")
 
@@ -232,17 +236,20 @@ def generate_main(args: list[str]) -> None:
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
+    add_trusted_key_argument(parser)
     options = parser.parse_args(args)
     from moe_lightning.inference import InferenceEngine
 
     try:
         ids = list(options.prompt.encode()) if options.prompt is not None else [int(t) for t in options.prompt_ids.split(",")]
-        engine = InferenceEngine.from_checkpoint(options.checkpoint)
+        engine = InferenceEngine.from_checkpoint(options.checkpoint, trusted_key=options.trusted_key)
         (new_ids,) = engine.generate(
             [ids], options.max_new_tokens, temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
             seed=options.seed,
         )
-    except ValueError as error:
+    except ArtifactError as error:
+        exit_on_artifact_error(parser, error)
+    except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     print(options.prompt + bytes(new_ids).decode(errors="replace") if options.prompt is not None else new_ids)
 
@@ -285,21 +292,25 @@ def export_hf_main(args: list[str]) -> None:
     parser.add_argument("--config", default=None, help="a .ckpt run's config.yaml (default: found beside it)")
     parser.add_argument("--max-shard-bytes", type=int, default=None, help="start a new shard past this size (5 GiB)")
     options = parser.parse_args(args)
+    from moe_lightning.checkpoint.integrity import write_manifest
     from moe_lightning.inference.engine import load_model
     from moe_lightning.inference.quantization.export import is_quantized_file
 
     checkpoint = Path(options.checkpoint)
-    if checkpoint.suffix == ".safetensors" and checkpoint.is_file() and is_quantized_file(checkpoint):
-        parser.error(f"{checkpoint} is quantized: export-hf writes float weights; export the unquantized model")
     try:
+        if checkpoint.suffix == ".safetensors" and checkpoint.is_file() and is_quantized_file(checkpoint):
+            parser.error(f"{checkpoint} is quantized: export-hf writes float weights; export the unquantized model")
         from moe_lightning.models.hf import export_hf
         from moe_lightning.models.hf.export import DEFAULT_MAX_SHARD_BYTES
 
         model = load_model(checkpoint, options.config)
         max_shard_bytes = DEFAULT_MAX_SHARD_BYTES if options.max_shard_bytes is None else options.max_shard_bytes
         export_hf(model, options.out_dir, options.family, max_shard_bytes)
+        write_manifest(options.out_dir)
     except ModuleNotFoundError as error:
         parser.error(f"{error.name} is missing: pip install 'moe-lightning[hf]'")
+    except ArtifactError as error:
+        exit_on_artifact_error(parser, error)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     print(f"exported: {options.out_dir}")
@@ -319,9 +330,75 @@ def serve_main(args: list[str]) -> None:
     run(args)
 
 
+def keygen_main(args: list[str]) -> None:
+    """``moe-lightning keygen OUT``: a new Ed25519 key pair, the private key in OUT (mode 0600), the public one in
+    OUT.pub."""
+    parser = argparse.ArgumentParser(prog="moe-lightning keygen", description=keygen_main.__doc__)
+    parser.add_argument("out", help="the private key file to write (it must not exist)")
+    options = parser.parse_args(args)
+    signing = _signing_module(parser)
+    try:
+        private_path, public_path = signing.generate_key_pair(options.out)
+    except ValueError as error:
+        parser.error(str(error))
+    print(f"private key: {private_path} (keep it secret)\npublic key: {public_path} "
+          f"(key id {signing.key_id(signing.load_public_key(public_path))})")
+
+
+def sign_main(args: list[str]) -> None:
+    """``moe-lightning sign ARTIFACT --key PRIVATE_KEY``: sign the hash manifest of a .safetensors file or a
+    directory of shards (written first when the artifact has none; an artifact that no longer matches its
+    manifest is refused)."""
+    parser = argparse.ArgumentParser(prog="moe-lightning sign", description=sign_main.__doc__)
+    parser.add_argument("artifact", help="a .safetensors file, or a directory (transformers export, sharded checkpoint)")
+    parser.add_argument("--key", required=True, help="the Ed25519 private key file (moe-lightning keygen)")
+    options = parser.parse_args(args)
+    signing = _signing_module(parser)
+    try:
+        key = signing.load_private_key(options.key)
+        signature = signing.sign_artifact(options.artifact, key)
+    except ArtifactError as error:
+        exit_on_artifact_error(parser, error)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    print(f"signed: {options.artifact} -> {signature} (key id {signing.key_id(key.public_key())})")
+
+
+def verify_main(args: list[str]) -> None:
+    """``moe-lightning verify ARTIFACT [--public-key PUB]``: check every file against the artifact's hash manifest
+    and, with --public-key, that the key signed the manifest. Exits non-zero naming the file that failed."""
+    parser = argparse.ArgumentParser(prog="moe-lightning verify", description=verify_main.__doc__)
+    parser.add_argument("artifact", help="a .safetensors file or a directory")
+    parser.add_argument("--public-key", default=None, help="the signer's Ed25519 public key file (keygen's OUT.pub)")
+    options = parser.parse_args(args)
+    from moe_lightning.checkpoint.integrity import artifact_files, verify_manifest
+
+    try:
+        if options.public_key is None:
+            verify_manifest(options.artifact, required=True)
+            signed_by = "unsigned check: give --public-key to check the signature"
+        else:
+            signed_by = f"signed by key {_signing_module(parser).verify_signed(options.artifact, options.public_key)}"
+        count = len(artifact_files(options.artifact))
+    except ArtifactError as error:
+        exit_on_artifact_error(parser, error)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    print(f"verified: {options.artifact} ({count} file(s) match the manifest; {signed_by})")
+
+
+def _signing_module(parser: argparse.ArgumentParser) -> Any:
+    try:  # cryptography only for these subcommands
+        from moe_lightning.checkpoint import signing
+    except ModuleNotFoundError as error:
+        parser.error(f"{error.name} is missing: pip install 'moe-lightning[sign]'")
+    return signing
+
+
 SUBCOMMANDS = {
     "report": report_main, "dashboard": dashboard_main, "export": export_main, "generate": generate_main,
     "quantize": quantize_main, "serve": serve_main, "import-hf": import_hf_main, "export-hf": export_hf_main,
+    "keygen": keygen_main, "sign": sign_main, "verify": verify_main,
 }
 
 
