@@ -27,7 +27,7 @@ from moe_lightning.finetune.esft import (
     routing_relevance,
     select_experts,
 )
-from moe_lightning.finetune.export import export_finetuned
+from moe_lightning.finetune.export import ExportFormat, check_export, check_export_format, export_finetuned
 from moe_lightning.finetune.freezing import (
     freeze_all_but_experts,
     freeze_routers,
@@ -42,12 +42,20 @@ class FineTuningCallback(Callback):
     """The shared frame: apply :meth:`prepare` once in ``setup``, report the trainable share, export at fit end.
 
     Args:
-        export_path: the ``.safetensors`` file rank zero writes the merged model to at the end of fit, relative to the
-            trainer's log dir (its ``default_root_dir`` without a logger); None writes nothing.
+        export_path: where rank zero writes the merged model at the end of fit (a ``.safetensors`` file, or a
+            directory for ``export_format="hf"``), relative to the trainer's log dir (its ``default_root_dir`` without
+            a logger); None writes nothing.
+        export_format: ``"safetensors"`` or ``"hf"`` (a transformers checkpoint), see :func:`export_finetuned`.
+        hf_family: the transformers family of an ``"hf"`` export; None: the one the model was imported from.
     """
 
-    def __init__(self, export_path: str | None = None) -> None:
+    def __init__(
+        self, export_path: str | None = None, export_format: ExportFormat = "safetensors", hf_family: str | None = None,
+    ) -> None:
+        check_export_format(export_format)
         self.export_path = export_path
+        self.export_format = export_format
+        self.hf_family = hf_family
         self._prepared = False
 
     def prepare(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -63,6 +71,8 @@ class FineTuningCallback(Callback):
                 f"{type(self).__name__} prepares the model in setup, before the LightningModule's own setup: "
                 f"{type(pl_module).__name__}.model is still None; build it in __init__"
             )
+        if self.export_path is not None:  # refuse an export that would fail before training, not after
+            check_export(pl_module, self._resolved_export_path(trainer), self.export_format, self.hf_family)
         self.prepare(trainer, pl_module)
         self._prepared = True
         trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
@@ -73,12 +83,16 @@ class FineTuningCallback(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.export_path is None:
             return
-        path = Path(self.export_path)
-        log_dir = trainer.log_dir  # a collective: every rank asks
-        if not path.is_absolute():
-            path = Path(log_dir or trainer.default_root_dir) / path
+        path = self._resolved_export_path(trainer)
         if trainer.is_global_zero:
-            export_finetuned(pl_module, path)
+            export_finetuned(pl_module, path, self.export_format, self.hf_family)
+
+    def _resolved_export_path(self, trainer: Trainer | None) -> Path:
+        path = Path(self.export_path)
+        if path.is_absolute() or trainer is None:
+            return path
+        log_dir = trainer.log_dir  # a collective: every rank asks
+        return Path(log_dir or trainer.default_root_dir) / path
 
 
 class ExpertFineTuning(FineTuningCallback):
@@ -90,14 +104,14 @@ class ExpertFineTuning(FineTuningCallback):
             others stay bit-identical whatever the optimizer does (see :mod:`moe_lightning.finetune.expert_rows`).
         freeze_routers: freeze router weights (and the aux-loss-free expert bias).
         freeze_non_experts: freeze everything outside the routed experts, routers included.
-        export_path: see :class:`FineTuningCallback`.
+        export_path, export_format, hf_family: see :class:`FineTuningCallback`.
     """
 
     def __init__(
         self, experts: dict[int, list[int]] | None = None, freeze_routers: bool = True, freeze_non_experts: bool = True,
-        export_path: str | None = None,
+        export_path: str | None = None, export_format: ExportFormat = "safetensors", hf_family: str | None = None,
     ) -> None:
-        super().__init__(export_path)
+        super().__init__(export_path, export_format, hf_family)
         if freeze_non_experts and not freeze_routers:
             raise ValueError("freeze_non_experts=True freezes the routers too: it contradicts freeze_routers=False")
         if experts is None and not freeze_routers:
@@ -129,14 +143,15 @@ class ESFTFineTuning(FineTuningCallback):
         criterion: ``"token"`` (token selection ratio) or ``"gate"`` (average gate score).
         stats_file: a ``router_stats.jsonl`` to take the relevance from instead of calibrating.
         calibration_batches: training batches of the calibration pass.
-        export_path: see :class:`FineTuningCallback`.
+        export_path, export_format, hf_family: see :class:`FineTuningCallback`.
     """
 
     def __init__(
         self, threshold: float = 0.2, criterion: Criterion = "token", stats_file: str | None = None,
-        calibration_batches: int = 8, export_path: str | None = None,
+        calibration_batches: int = 8, export_path: str | None = None, export_format: ExportFormat = "safetensors",
+        hf_family: str | None = None,
     ) -> None:
-        super().__init__(export_path)
+        super().__init__(export_path, export_format, hf_family)
         check_threshold(threshold)
         check_criterion(criterion)
         if stats_file is not None and criterion != "token":
@@ -197,14 +212,15 @@ class LoRAFineTuning(FineTuningCallback):
         target_modules: ``nn.Linear`` layers to adapt, by name or name suffix; empty for none.
         experts: adapt every MoE layer's routed experts too.
         quantize: QLoRA: store the routed experts as frozen bitsandbytes ``"nf4"`` (or ``"fp4"``, ``"int8"``) first.
-        export_path: see :class:`FineTuningCallback`; the export holds merged float weights.
+        export_path, export_format, hf_family: see :class:`FineTuningCallback`; the export holds merged float weights.
     """
 
     def __init__(
         self, rank: int = 8, alpha: float = 16.0, target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
         experts: bool = True, quantize: str | None = None, export_path: str | None = None,
+        export_format: ExportFormat = "safetensors", hf_family: str | None = None,
     ) -> None:
-        super().__init__(export_path)
+        super().__init__(export_path, export_format, hf_family)
         check_lora_arguments(rank, alpha, target_modules, experts, quantize)
         self.rank = rank
         self.alpha = alpha

@@ -1,5 +1,5 @@
 """configs/finetune-*.yaml: each recipe runs `moe-lightning fit` for a few steps, trains what it says, and exports a
-loadable merged model. The model is shrunk here to keep the test fast; tests/unit/test_cli.py also runs every CPU
+loadable merged model (LoRA's as a transformers checkpoint). The model is shrunk here to keep the test fast; tests/unit/test_cli.py also runs every CPU
 recipe at its own size."""
 
 from pathlib import Path
@@ -11,6 +11,7 @@ from moe_lightning.cli import MoELightningCLI
 from moe_lightning.finetune import ESFTFineTuning, FineTuningCallback, LoRAExperts
 from moe_lightning.inference.export import load_safetensors
 from moe_lightning.inference.quantization import QuantizedExperts
+from moe_lightning.models.hf import load_hf_model
 
 ROOT = Path(__file__).resolve().parents[3]
 RECIPES = sorted((ROOT / "configs").glob("finetune-*.yaml"))
@@ -51,7 +52,10 @@ def test_recipe_fits_a_few_steps_and_exports_a_plain_model(recipe, tmp_path):
         expected = L * callback.rank * ((D + D) + (D + 2 * D) + (D + D) + E * ((D + 2 * F) + (F + D)))
     assert sum(p.numel() for p in cli.model.parameters() if p.requires_grad) == expected
 
-    exported = load_safetensors(tmp_path / "finetuned.safetensors")
+    if callback.export_format == "hf":
+        exported = load_hf_model(tmp_path / callback.export_path)
+    else:
+        exported = load_safetensors(tmp_path / callback.export_path)
     input_ids = torch.randint(0, exported.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(exported(input_ids).logits, cli.model.model(input_ids).logits, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,41 @@
+"""Exports of fine-tuned runs: a transformers checkpoint of the merged model, and export mistakes named before training."""
+
+import pytest
+import torch
+
+from moe_lightning.finetune import ExpertFineTuning, LoRAFineTuning
+from moe_lightning.models.hf import load_hf_model
+from tests.unit.finetune.helpers import CONFIG, fit, snapshot, tiny_module
+
+
+def test_hf_export_of_a_lora_run_loads_with_the_runs_logits(tmp_path):
+    module = tiny_module()
+    fit(module, [LoRAFineTuning(rank=4, export_path="hf", export_format="hf", hf_family="mixtral")], tmp_path)
+    input_ids = torch.randint(0, CONFIG.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(load_hf_model(tmp_path / "hf")(input_ids).logits, module.model(input_ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"export_format": "hf", "hf_family": "no-such-family"}, "no-such-family"),
+        ({"export_format": "hf"}, "not imported from transformers .* pass family="),
+        ({"export_format": "hf", "hf_family": "mixtral", "export_path": "taken"}, "taken exists and is not empty"),
+    ],
+)
+def test_an_export_that_would_fail_is_named_before_any_step(options, message, tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("")
+    module = tiny_module()
+    before = snapshot(module)
+    with pytest.raises(ValueError, match=message):
+        fit(module, [ExpertFineTuning(**{"export_path": "out", **options})], tmp_path)
+    assert all(torch.equal(value, before[name]) for name, value in snapshot(module).items())
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["taken"]
+
+
+def test_unknown_export_format_is_refused():
+    with pytest.raises(ValueError, match="export_format='onnx'"):
+        LoRAFineTuning(export_format="onnx")
