@@ -2,7 +2,7 @@
 
 Each applies its method in ``setup`` (Lightning calls it before ``configure_optimizers``, as for
 ``BaseFinetuning``), once per callback, on every stage: a checkpoint of a fine-tuned run loads into a model
-prepared the same way. The model must exist by then (built in ``__init__``, not lazily in ``configure_model``).
+prepared the same way. A model that ``configure_model`` builds (``pretrained:``, ``meta_init``) is built there first.
 With ``export_path`` set, rank zero writes a merged copy of the model at the end of fit (:func:`export_finetuned`).
 """
 
@@ -66,10 +66,14 @@ class FineTuningCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._prepared:
             return
+        if getattr(pl_module, "model", pl_module) is None or any(p.is_meta for p in pl_module.parameters()):
+            # A `pretrained:` or meta-initialised MoELightningModule gets its weights in configure_model, which
+            # Lightning calls after the callbacks' setup; the hook is idempotent, so build them now for the method.
+            pl_module.configure_model()
         if getattr(pl_module, "model", pl_module) is None:
             raise ValueError(
-                f"{type(self).__name__} prepares the model in setup, before the LightningModule's own setup: "
-                f"{type(pl_module).__name__}.model is still None; build it in __init__"
+                f"{type(self).__name__} prepares the model in setup: {type(pl_module).__name__}.model is None after "
+                "configure_model()"
             )
         if self.export_path is not None:  # refuse an export that would fail before training, not after
             check_export(pl_module, self._resolved_export_path(trainer), self.export_format, self.hf_family)

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from moe_lightning.finetune import ExpertFineTuning, LoRAFineTuning
-from moe_lightning.models.hf import load_hf_model
+from moe_lightning.finetune import ExpertFineTuning, LoRAExperts, LoRAFineTuning
+from moe_lightning.models.hf import export_hf, load_hf_model
+from moe_lightning.module import MoELightningModule
 from tests.unit.finetune.helpers import CONFIG, fit, snapshot, tiny_module
 
 
@@ -39,3 +40,15 @@ def test_an_export_that_would_fail_is_named_before_any_step(options, message, tm
 def test_unknown_export_format_is_refused():
     with pytest.raises(ValueError, match="export_format='onnx'"):
         LoRAFineTuning(export_format="onnx")
+
+
+def test_a_run_started_from_a_transformers_checkpoint_fine_tunes_it(tmp_path):
+    """``pretrained:`` builds the model in configure_model, after the callbacks' setup: the callback builds it first."""
+    source = tiny_module().model
+    export_hf(source, tmp_path / "base", "mixtral")
+    module = MoELightningModule(pretrained=str(tmp_path / "base"), lr=1e-2, warmup_steps=0)
+    assert module.model is None
+    fit(module, [LoRAFineTuning(rank=4)], tmp_path / "run")
+    assert sum(isinstance(m, LoRAExperts) for m in module.modules()) == CONFIG.num_layers
+    base_layer = module.model.blocks[0].attn.q_proj.base_layer
+    assert torch.equal(base_layer.weight, source.blocks[0].attn.q_proj.weight)  # the checkpoint's, frozen
