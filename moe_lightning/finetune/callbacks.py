@@ -77,11 +77,13 @@ class FineTuningCallback(Callback):
             )
         if self.export_path is not None:  # refuse an export that would fail before training, not after
             check_export(pl_module, self._resolved_export_path(trainer), self.export_format, self.hf_family)
+        # Counted before: afterwards adapters add parameters, quantised bases hide theirs in buffers.
+        total = sum(p.numel() for p in pl_module.parameters())
         self.prepare(trainer, pl_module)
         self._prepared = True
         trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in pl_module.parameters())
-        rank_zero_info(f"{type(self).__name__}: training {trainable:,} of {total:,} parameters")
+        rank_zero_info(f"{type(self).__name__}: training {trainable:,} parameters, {trainable / total:.2%} of the "
+                       f"model's {total:,}")
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
