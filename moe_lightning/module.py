@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.optim import Optimizer
@@ -15,12 +16,14 @@ from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from moe_lightning.analytics.load import max_mean_imbalance
+from moe_lightning.checkpoint.rng import gather_rng_states, restore_rng_states
 from moe_lightning.kernels.adamw import TritonAdamW
 from moe_lightning.kernels.cross_entropy import cross_entropy
 from moe_lightning.models.materialize import build_on_meta, materialize
 from moe_lightning.routing import Router, Routing
 
 IGNORE_INDEX = -100
+RNG_STATES_KEY = "rng_states"
 
 
 class MoELightningModule(LightningModule):
@@ -181,6 +184,23 @@ class MoELightningModule(LightningModule):
         # Aux-loss-free balancing steps once per optimizer step, from the load of every micro-batch of the step.
         for router in self._routers_with_expert_bias():
             router.update_expert_bias(self.trainer.strategy.reduce(router.expert_load_E, reduce_op="sum"))
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Every rank's generators (a collective: Trainer.save_checkpoint runs on all ranks), so a resumed run draws
+        # the same router jitter and sampling noise as an uninterrupted one.
+        checkpoint[RNG_STATES_KEY] = gather_rng_states()
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get(RNG_STATES_KEY)
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        rank, world_size = (strategy.global_rank, strategy.world_size) if strategy is not None else (0, 1)
+        if saved is not None and not restore_rng_states(saved, rank, world_size):
+            rank_zero_warn(
+                f"the checkpoint holds the RNG states of {len(saved)} processes, this run has {world_size}: random "
+                "draws after resuming differ from the saved run's"
+            )
 
     @override
     def configure_optimizers(self) -> dict[str, Any]:

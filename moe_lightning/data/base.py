@@ -7,6 +7,8 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
+from moe_lightning.data.resumable import ResumableDataLoader, ResumableSampler
+
 
 class NextTokenDataModule(LightningDataModule):
     """Serves ``{"input_ids", "labels"[, "task_ids"]}`` batches of ``[batch_size, seq_len]`` tokens.
@@ -73,13 +75,16 @@ class NextTokenDataModule(LightningDataModule):
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train,
-            drop_last=train,
-            # A seeded generator makes the shuffle reproducible, yet different in every epoch.
-            generator=torch.Generator().manual_seed(self.seed) if train else None,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        common = dict(batch_size=self.batch_size, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        if not train:
+            return DataLoader(dataset, **common)
+        # The shuffle is a function of (seed, epoch), yet different in every epoch; the loader's position is saved in
+        # checkpoints. Its own generator seeds the workers, so starting a pass never draws from the global RNG.
+        sampler = ResumableSampler(dataset, seed=self.seed, **self._replica())
+        generator = torch.Generator().manual_seed(self.seed)
+        return ResumableDataLoader(dataset, sampler=sampler, drop_last=True, generator=generator, **common)
+
+    def _replica(self) -> dict[str, int]:
+        """This process's share of the data: ``num_replicas`` and ``rank`` under a multi-process strategy."""
+        kwargs = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        return {"num_replicas": kwargs["num_replicas"], "rank": kwargs["rank"]} if kwargs else {}
