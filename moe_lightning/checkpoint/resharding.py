@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from moe_lightning.checkpoint.atomic import atomic_torch_save
 from moe_lightning.checkpoint.sharded import INFO_KEY, load_sharded, local_slice, merge_expert_tensors, split_expert_tensors
 
 
@@ -39,5 +40,5 @@ def consolidate(path: str | Path) -> dict[str, Any]:
 
 
 def export_consolidated(path: str | Path, output_file: str | Path) -> None:
-    """Write :func:`consolidate` of the sharded checkpoint ``path`` to one ``torch.save`` file."""
-    torch.save(consolidate(path), output_file)
+    """Write :func:`consolidate` of the sharded checkpoint ``path`` to one ``torch.save`` file (atomically)."""
+    atomic_torch_save(consolidate(path), output_file)

@@ -10,6 +10,10 @@ A checkpoint is a directory:
 - ``experts-{p}-of-{P}.safetensors``: expert-parallel rank ``p``'s slice (dim 0) of every expert weight
   and of its optimizer moments, written by one replica of that rank.
 
+- ``manifest.json``: every other file's size and SHA-256 (:mod:`moe_lightning.checkpoint.integrity`), written
+  last. The directory is assembled under a hidden ``.NAME.partial`` name and renamed to its own name only once the
+  manifest is written (:mod:`moe_lightning.checkpoint.atomic`), so a directory without one is incomplete.
+
 Expert tensors are keyed ``model/<state_dict key>`` and ``optimizer<i>/<param name>/<state key>``:
 optimizer state is keyed by parameter *name*, so it survives a change of parallel layout.
 
@@ -19,7 +23,6 @@ Shape legend: E experts (global), P expert-parallel ranks of the saved run, e = 
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
+
+from moe_lightning.checkpoint.atomic import partial_path, publish_directory, remove
+from moe_lightning.checkpoint.integrity import DIRECTORY_MANIFEST, write_manifest
 
 META_FILE = "meta.pt"
 INFO_KEY = "expert_parallel"
@@ -97,18 +103,30 @@ def save_sharded(
         save_file(tensors, path / shard_file_name(ep_rank, ep_size), metadata=metadata)
 
 
-def prepare_directory(path: Path) -> None:
-    """Replace whatever is at ``path`` (an older checkpoint of the same name) with an empty directory."""
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
-    path.mkdir(parents=True)
+def begin_directory(target: Path) -> Path:
+    """An empty directory to assemble the checkpoint ``target`` in (a stale one of an interrupted write is
+    cleared); call on one rank, then let every rank :func:`save_sharded` into it."""
+    partial = partial_path(target)
+    remove(partial)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def finish_directory(partial: Path, target: Path) -> None:
+    """Once every rank's files are in ``partial``: write its manifest, then rename it to ``target`` (one rank)."""
+    write_manifest(partial)
+    publish_directory(partial, target)
 
 
 def load_sharded(path: Path, ep_rank: int, ep_size: int) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Read a sharded checkpoint for rank ``ep_rank`` of ``ep_size``: the dict without experts, and this rank's
     slice of every expert tensor (``ep_size=1`` consolidates). Refuses incomplete or ambiguous shard sets."""
+    if not (path / DIRECTORY_MANIFEST).is_file():
+        raise ValueError(
+            f"checkpoint {path} is incomplete: it has no {DIRECTORY_MANIFEST}, which a sharded checkpoint writes "
+            f"last (its write was interrupted, or it was written before checkpoints had manifests: then "
+            f"moe_lightning.checkpoint.integrity.write_manifest({str(path)!r}) marks it complete)"
+        )
     checkpoint = torch.load(path / META_FILE, map_location="cpu", weights_only=True)
     info = checkpoint[INFO_KEY]
     shards = _check_shards(path, info["ep_size"], info["expert_keys"])

@@ -58,7 +58,8 @@ from moe_lightning.checkpoint.dtensors import (
     full_optimizer_state, full_tensors, sharded_optimizer_state, sharded_state_dict,
 )
 from moe_lightning.checkpoint.resharding import load_for_rank
-from moe_lightning.checkpoint.sharded import prepare_directory, save_sharded, split_expert_tensors
+from moe_lightning.checkpoint.atomic import partial_path
+from moe_lightning.checkpoint.sharded import begin_directory, finish_directory, save_sharded, split_expert_tensors
 from moe_lightning.strategies.clipping import clip_grad_norm_over_experts
 from moe_lightning.strategies.dense import (
     DenseParallel, check_dense_parallel, shard_dense, step_mixed_groups_per_tensor,
@@ -380,17 +381,21 @@ class ExpertParallelStrategy(ParallelStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} writes its own files and takes no storage_options")
+        # Assembled under a hidden partial name, manifest last, then renamed: the name only ever holds a whole one.
         path = Path(self.broadcast(str(filepath)))
-        if self.is_global_zero:
-            prepare_directory(path)
+        partial = begin_directory(path) if self.is_global_zero else partial_path(path)
         self.barrier()
         info = self._checkpoint_info()
         info["optimizer_param_names"] = info["optimizer_param_names"][: len(checkpoint.get("optimizer_states", []))]
         experts = split_expert_tensors(checkpoint, info["expert_names"], info["optimizer_param_names"])
         save_sharded(
-            path, checkpoint, experts, info, self.expert_parallel_rank, self.expert_parallel_size,
+            partial, checkpoint, experts, info, self.expert_parallel_rank, self.expert_parallel_size,
             write_meta=self.is_global_zero, write_experts=self.device_mesh["data_parallel"].get_local_rank() == 0,
         )
+        self.barrier()
+        if self.is_global_zero:
+            finish_directory(partial, path)
+        self.barrier()
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
