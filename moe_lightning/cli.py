@@ -19,6 +19,7 @@ from rich.table import Table
 from typing_extensions import override
 
 from moe_lightning.analytics import LayerSummary, summarize_routings
+from moe_lightning.callbacks.crash_safe_checkpoint import CrashSafeCheckpoint
 from moe_lightning.checkpoint.cli_options import add_trusted_key_argument, exit_on_artifact_error
 from moe_lightning.checkpoint.errors import ArtifactError
 from moe_lightning.module import MoELightningModule, unpack_output
@@ -35,11 +36,12 @@ TRAINER_DEFAULTS = {
 
 
 def default_callbacks(trainer_config: dict[str, Any], callbacks: list[Callback]) -> list[Callback]:
-    """A last-and-best checkpoint, a rich progress bar and the learning rate, each only where the trainer allows it."""
+    """A crash-safe checkpoint (``last.ckpt`` links the newest; see :class:`CrashSafeCheckpoint`), a rich progress bar
+    and the learning rate, each only where the trainer allows it."""
     chosen = callbacks + list(trainer_config.get("callbacks") or [])
     defaults: list[Callback] = []
     if trainer_config.get("enable_checkpointing") is not False and not _has(chosen, ModelCheckpoint):
-        defaults.append(ModelCheckpoint(save_last=True))
+        defaults.append(CrashSafeCheckpoint())
     if trainer_config.get("enable_progress_bar") is not False and not _has(chosen, ProgressBar):
         defaults.append(RichProgressBar())
     if trainer_config.get("logger") not in (False, None) and not _has(chosen, LearningRateMonitor):
