@@ -79,5 +79,6 @@ def open_pretrained(path: str | Path) -> PretrainedSource:
         return ExportedModel(path)
     raise ValueError(
         f"pretrained={str(path)!r} does not exist: give a transformers checkpoint directory (config.json and "
-        "*.safetensors) or a .safetensors file of moe-lightning export"
+        "*.safetensors) or a .safetensors file of moe-lightning export (to try a recipe, "
+        "`python examples/make_tiny_hf_checkpoint.py DIR` writes a tiny random one)"
     )
