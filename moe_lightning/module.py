@@ -19,7 +19,7 @@ from moe_lightning.analytics.load import max_mean_imbalance
 from moe_lightning.checkpoint.rng import gather_rng_states, restore_rng_states
 from moe_lightning.kernels.adamw import TritonAdamW
 from moe_lightning.kernels.cross_entropy import cross_entropy
-from moe_lightning.models.materialize import build_on_meta, materialize
+from moe_lightning.models.materialize import InitRecord, build_on_meta, materialize
 from moe_lightning.routing import Router, Routing
 
 IGNORE_INDEX = -100
@@ -42,14 +42,18 @@ class MoELightningModule(LightningModule):
 
     Big models are built on the meta device and materialised in :meth:`configure_model`, each expert-parallel rank
     holding only its own experts (never the whole model): pass ``pretrained`` (YAML: ``pretrained: DIR``) to start
-    from a checkpoint, or ``model`` as a function that builds the network to start from a fresh initialisation
-    (the same values as calling it on the CPU under the same seed).
+    from a checkpoint, or ``model`` as a function that builds the network with ``meta_init=True`` (YAML:
+    ``meta_init: true`` beside ``model``'s ``class_path``/``init_args``) to start from a fresh initialisation.
 
     Args:
-        model: the network; or a function building it (called on the meta device in :meth:`configure_model`);
+        model: the network; or a function building it (YAML's ``class_path``/``init_args`` is one), called here;
             ``None`` with ``pretrained``, or if a subclass builds it in :meth:`configure_model`.
         pretrained: a transformers checkpoint directory or a ``.safetensors`` file of ``moe-lightning export`` to
             start from; checked here, read per rank in :meth:`configure_model`.
+        meta_init: call a function ``model`` on the meta device (no memory; ``self.model`` is on meta until
+            :meth:`configure_model` gives it its values, this rank's experts only): the values of the ordinary CPU
+            build at the same point, bit for bit, but the global generator is not advanced past them. A built
+            ``model`` (an ``nn.Module``) is used as it is, whatever ``meta_init`` says.
         lr: peak learning rate of AdamW.
         router_lr: learning rate of router parameters; ``None``: same as ``lr``.
         weight_decay: AdamW decay of matrices (biases, norms and other 1-D tensors are not decayed).
@@ -62,8 +66,9 @@ class MoELightningModule(LightningModule):
 
     def __init__(
         self,
-        model: nn.Module | Callable[[], nn.Module] | None = None,
+        model: Callable[[], nn.Module] | nn.Module | None = None,
         pretrained: str | None = None,
+        meta_init: bool = False,
         lr: float = 3e-4,
         router_lr: float | None = None,
         weight_decay: float = 0.1,
@@ -91,8 +96,13 @@ class MoELightningModule(LightningModule):
 
             self._pretrained = open_pretrained(pretrained)
         self.save_hyperparameters(ignore=["model"])
-        self._build_model = None if isinstance(model, nn.Module) else model
-        self.model = model if isinstance(model, nn.Module) else None
+        self._init_record: InitRecord | None = None
+        if model is None or isinstance(model, nn.Module):
+            self.model = model
+        elif meta_init:
+            self.model, self._init_record = build_on_meta(model)
+        else:
+            self.model = model()
         self.val_loss = MeanMetric()
 
     # ----------------------------------------------------------------- hooks meant to be overridden
@@ -129,16 +139,19 @@ class MoELightningModule(LightningModule):
     # ----------------------------------------------------------------- Lightning hooks
     @override
     def configure_model(self) -> None:
-        """Build the model from ``pretrained`` or the ``model`` function on the meta device, then materialise it on
-        the strategy's device: experts ``[p * E / P, (p + 1) * E / P)`` only, on rank ``p`` of the device mesh's
-        ``expert_parallel`` dimension (all of them without one). Does nothing once ``self.model`` exists."""
-        if self.model is not None or (self._pretrained is None and self._build_model is None):
+        """Materialise the model built on the meta device (``meta_init``, or ``pretrained``: built here) on the
+        strategy's device: experts ``[p * E / P, (p + 1) * E / P)`` only, on rank ``p`` of the device mesh's
+        ``expert_parallel`` dimension (all of them without one). Does nothing once ``self.model`` has its values."""
+        if self._init_record is not None:
+            model, record = self.model, self._init_record
+        elif self.model is None and self._pretrained is not None:
+            model, record = build_on_meta(self._pretrained.build_model)
+        else:
             return
-        model, record = build_on_meta(self._build_model or self._pretrained.build_model)
         ep_rank, ep_size = expert_parallel_coordinates(self.device_mesh)
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
         materialize(model, record, self._pretrained, device=device, ep_rank=ep_rank, ep_size=ep_size)
-        self.model = model
+        self.model, self._init_record = model, None
 
     @override
     def setup(self, stage: str) -> None:

@@ -42,7 +42,7 @@ def build_module(lazy: bool = False) -> MoELightningModule:
     """``lazy``: pass the function that builds the model, which the module calls on the meta device."""
     torch.manual_seed(3)
     model = build_model if lazy else build_model()
-    return MoELightningModule(model, lr=1e-2, warmup_steps=0, max_steps=STEPS, log_layer_stats=False)
+    return MoELightningModule(model, lr=1e-2, warmup_steps=0, max_steps=STEPS, log_layer_stats=False, meta_init=lazy)
 
 
 def trainer(strategy, devices: int, max_steps: int = STEPS, **kwargs) -> Trainer:
