@@ -1,7 +1,7 @@
 """Peak CPU memory of building a model: the ordinary build against build_on_meta + materialize per expert-parallel
 rank, beside each rank's expected share (the dense tensors whole plus 1/P of every expert tensor).
 
-Every measurement runs in a fresh process (``resource.getrusage`` peak RSS above the process's resident size after its
+Every measurement runs in a fresh process (peak RSS, ``VmHWM``, above the process's resident size after its
 imports), one at a time, on one thread; the ranks of one run are measured one after the other, as each would be
 alone on its machine. Fresh initialisation in every mode, so the materialised tensors are those of the ordinary
 build (see :mod:`moe_lightning.models.materialize`).
@@ -49,8 +49,11 @@ def build(config: MoETransformerConfig) -> MoETransformer:
     return MoETransformer(config, router=lambda dim, num_experts: TopKRouter(dim, num_experts, num_experts_per_token=8))
 
 
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+def peak_rss_bytes() -> int:
+    """This process's peak resident size since it started its program (Linux). Not ``getrusage``'s ``ru_maxrss``: that
+    keeps the peak from before ``exec``, where a forked child counted all of its parent's resident pages."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))  # in kB
 
 
 def _rss_bytes() -> int:
@@ -73,7 +76,7 @@ def child(config: dict, mode: str, ep_rank: int, ep_size: int, dtype: str) -> di
         materialize(model, record, ep_rank=ep_rank, ep_size=ep_size)
     seconds = time.perf_counter() - start
     held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    return {"peak_bytes": _peak_rss_bytes() - before, "held_bytes": held, "seconds": seconds}
+    return {"peak_bytes": peak_rss_bytes() - before, "held_bytes": held, "seconds": seconds}
 
 
 class ExpertParallelRank:
@@ -107,12 +110,12 @@ def child_cli(num_layers: int | None, ep_rank: int, ep_size: int) -> dict:
     before = _rss_bytes()
     start = time.perf_counter()
     module = MoELightningCLI(run=False, args=args).model
-    parsed_peak = _peak_rss_bytes() - before
+    parsed_peak = peak_rss_bytes() - before
     module._device_mesh = ExpertParallelRank(ep_rank, ep_size)  # what the strategy sets before configure_model
     module.configure_model()
     seconds = time.perf_counter() - start
     held = sum(t.numel() * t.element_size() for t in [*module.model.parameters(), *module.model.buffers()])
-    return {"peak_bytes": _peak_rss_bytes() - before, "held_bytes": held, "seconds": seconds,
+    return {"peak_bytes": peak_rss_bytes() - before, "held_bytes": held, "seconds": seconds,
             "parsed_peak_bytes": parsed_peak}
 
 

@@ -1,11 +1,11 @@
 """A callback that records how a CLI run built its model, for tests that run the CLI (in-process or as processes)."""
 
 import json
-import resource
 from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
 
+from benchmarks.meta_init_memory import peak_rss_bytes
 from moe_lightning.models.materialize import expert_rows
 
 
@@ -26,7 +26,7 @@ class BuildProbe(Callback):
         model = pl_module.model
         self.report["meta_at_fit_start"] = any(p.is_meta for p in model.parameters())
         self.report["expert_rows"] = {name: model.get_parameter(name).shape[0] for name in expert_rows(model)}
-        self.report["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        self.report["peak_rss_bytes"] = peak_rss_bytes()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.report["losses"].append(outputs["loss"].item())
