@@ -16,6 +16,7 @@ from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from moe_lightning.analytics.load import max_mean_imbalance
+from moe_lightning.checkpoint.loop_state import count_stopped_epoch_as_running
 from moe_lightning.checkpoint.rng import gather_rng_states, restore_rng_states
 from moe_lightning.kernels.adamw import TritonAdamW
 from moe_lightning.kernels.cross_entropy import cross_entropy
@@ -203,6 +204,8 @@ class MoELightningModule(LightningModule):
         # Every rank's generators (a collective: Trainer.save_checkpoint runs on all ranks), so a resumed run draws
         # the same router jitter and sampling noise as an uninterrupted one.
         checkpoint[RNG_STATES_KEY] = gather_rng_states()
+        if self._trainer is not None and "loops" in checkpoint:
+            count_stopped_epoch_as_running(self.trainer, checkpoint)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
