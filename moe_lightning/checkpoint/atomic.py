@@ -3,9 +3,9 @@
 A file is written to a temporary name beside its target, flushed to disk (``fsync``) and renamed over the target;
 the rename is atomic on POSIX file systems, and fsyncing the parent directory makes the new name itself durable.
 A checkpoint directory is built under its :func:`partial_path` (a hidden ``.NAME.partial`` sibling, which says
-what it is) and renamed to its name once every file and its manifest are written. A process killed part-way
-leaves the previous file or directory as it was, plus at most a temporary name that the next write of the same
-target removes.
+what it is) and renamed to its name once every file and its manifest are written; one is removed by renaming it
+to ``.NAME.removed`` first. A process killed part-way leaves the previous file or directory as it was, plus at most
+a hidden temporary name (:data:`INCOMPLETE_SUFFIXES`) that the next write or removal of the same name clears.
 """
 
 from __future__ import annotations
@@ -19,6 +19,10 @@ from typing import Any
 import torch
 
 PARTIAL_SUFFIX = ".partial"
+REPLACED_SUFFIX = ".replaced"
+REMOVED_SUFFIX = ".removed"
+INCOMPLETE_SUFFIXES = (PARTIAL_SUFFIX, REPLACED_SUFFIX, REMOVED_SUFFIX)
+"""A hidden ``.NAME`` ending in one of these is being written, replaced or removed: never a checkpoint to load."""
 
 
 def partial_path(target: str | Path) -> Path:
@@ -47,6 +51,20 @@ def remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def remove_atomically(path: str | Path) -> None:
+    """Remove a checkpoint file or directory so that its name is gone at once: a directory is first renamed to a
+    hidden ``.NAME.removed`` (deleting its files one by one at its own name, a kill would leave a part of it there)."""
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink():
+        remove(path)
+        return
+    removed = path.with_name(f".{path.name}{REMOVED_SUFFIX}")
+    remove(removed)
+    os.rename(path, removed)
+    fsync_directory(path.parent)
+    shutil.rmtree(removed)
 
 
 def atomic_write(target: str | Path, write: Callable[[Path], None]) -> None:
@@ -79,7 +97,7 @@ def publish_directory(partial: Path, target: Path) -> None:
         if path.is_file():
             fsync_file(path)
     fsync_directory(partial)
-    replaced = target.with_name(f".{target.name}.replaced")
+    replaced = target.with_name(f".{target.name}{REPLACED_SUFFIX}")
     remove(replaced)
     if target.exists() or target.is_symlink():
         os.rename(target, replaced)

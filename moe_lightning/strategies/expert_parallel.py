@@ -25,7 +25,6 @@ checkpoint of either mode resumes in the other, at any expert-parallel size that
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Generator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
@@ -58,7 +57,7 @@ from moe_lightning.checkpoint.dtensors import (
     full_optimizer_state, full_tensors, sharded_optimizer_state, sharded_state_dict,
 )
 from moe_lightning.checkpoint.resharding import load_for_rank
-from moe_lightning.checkpoint.atomic import partial_path
+from moe_lightning.checkpoint.atomic import partial_path, remove_atomically
 from moe_lightning.checkpoint.sharded import begin_directory, finish_directory, save_sharded, split_expert_tensors
 from moe_lightning.strategies.clipping import clip_grad_norm_over_experts
 from moe_lightning.strategies.dense import (
@@ -404,6 +403,5 @@ class ExpertParallelStrategy(ParallelStrategy):
 
     @override
     def remove_checkpoint(self, filepath: Any) -> None:
-        path = Path(filepath)
         if self.is_global_zero:
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            remove_atomically(filepath)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from moe_lightning.checkpoint.atomic import PARTIAL_SUFFIX
+from moe_lightning.checkpoint.atomic import INCOMPLETE_SUFFIXES, PARTIAL_SUFFIX
 from moe_lightning.checkpoint.integrity import verify_manifest
 from moe_lightning.checkpoint.sharded import load_sharded
 from tests.chaos.loss_trace import read_trace
@@ -37,7 +37,8 @@ def fit_command(root: Path, attempt: int, max_steps: int, every_n_train_steps: i
     ``every_n_train_steps`` in ``root/checkpoints``, validation at each epoch end and every loss in
     ``root/trace.jsonl``. Each attempt has its own log directory (the CLI refuses to overwrite a saved config)."""
     command = [
-        sys.executable, "-c", "from moe_lightning.cli import main; main()", "fit", "--config", str(REPO / "configs/tiny.yaml"),
+        # The console script: Lightning's launcher starts the other ranks by running this command line again.
+        str(Path(sys.executable).with_name("moe-lightning")), "fit", "--config", str(REPO / "configs/tiny.yaml"),
         f"--trainer.max_steps={max_steps}", "--trainer.logger=false", f"--trainer.default_root_dir={root / f'attempt{attempt}'}",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         "--trainer.val_check_interval=1.0", "--trainer.limit_val_batches=1",
@@ -130,11 +131,11 @@ def _entries(directory: Path) -> list[Path]:
 
 
 def check_checkpoints(checkpoints: Path, report: ChaosReport) -> None:
-    """Every entry loads, or is a temporary ``.partial`` / ``.replaced`` name; ``last.ckpt``, once it existed, still
-    names a checkpoint that loads, of a step no older than before."""
+    """Every entry loads, or is a hidden temporary name (being written, replaced or removed); ``last.ckpt``, once it
+    existed, still names a checkpoint that loads, of a step no older than before."""
     last_step = None
     for path in sorted(_entries(checkpoints)):
-        if path.name.endswith((PARTIAL_SUFFIX, ".replaced")):
+        if path.name.startswith(".") and path.name.endswith(INCOMPLETE_SUFFIXES):
             report.incomplete_marked += 1
             continue
         step = load_step(path)

@@ -5,7 +5,9 @@ import os
 import pytest
 import torch
 
-from moe_lightning.checkpoint.atomic import atomic_torch_save, atomic_write, partial_path, publish_directory, replace_symlink
+from moe_lightning.checkpoint.atomic import (
+    atomic_torch_save, atomic_write, partial_path, publish_directory, remove_atomically, replace_symlink,
+)
 from moe_lightning.checkpoint.atomic_io import AtomicCheckpointIO
 from moe_lightning.checkpoint.sharded import load_sharded
 
@@ -55,3 +57,13 @@ def test_a_sharded_directory_without_its_manifest_is_refused_as_incomplete(tmp_p
     (tmp_path / "meta.pt").write_bytes(b"")
     with pytest.raises(ValueError, match="incomplete: it has no manifest.json"):
         load_sharded(tmp_path, ep_rank=0, ep_size=1)
+
+
+def test_a_directory_is_removed_under_a_hidden_name(tmp_path, monkeypatch):
+    target = tmp_path / "step=2.ckpt"
+    target.mkdir()
+    (target / "meta.pt").write_text("x")
+    seen = []
+    monkeypatch.setattr("shutil.rmtree", lambda path: seen.append(sorted(p.name for p in tmp_path.iterdir())))
+    remove_atomically(target)
+    assert seen == [[".step=2.ckpt.removed"]]  # the name was gone before any file was deleted
