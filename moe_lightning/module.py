@@ -16,7 +16,7 @@ from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from moe_lightning.analytics.load import max_mean_imbalance
-from moe_lightning.checkpoint.loop_state import count_stopped_epoch_as_running
+from moe_lightning.checkpoint.loop_state import count_epoch_as_started, count_stopped_epoch_as_running
 from moe_lightning.checkpoint.rng import gather_rng_states, restore_rng_states
 from moe_lightning.kernels.adamw import TritonAdamW
 from moe_lightning.kernels.cross_entropy import cross_entropy
@@ -198,6 +198,10 @@ class MoELightningModule(LightningModule):
         # Aux-loss-free balancing steps once per optimizer step, from the load of every micro-batch of the step.
         for router in self._routers_with_expert_bias():
             router.update_expert_bias(self.trainer.strategy.reduce(router.expert_load_E, reduce_op="sum"))
+
+    @override
+    def on_train_start(self) -> None:
+        count_epoch_as_started(self.trainer)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

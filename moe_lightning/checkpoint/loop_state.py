@@ -1,4 +1,9 @@
-"""The fit loop's state in a checkpoint saved after training stopped part-way through an epoch.
+"""Lightning's fit-loop epoch counters, kept true across restarts and stops, so that checkpoints resume exactly.
+
+Resumed from a checkpoint taken after the last batch of an epoch, Lightning closes that epoch but does not count
+the next one as started (it takes the restart for one inside the old epoch): while it runs, the counters say
+"no epoch in progress", so a checkpoint taken in it resumed an epoch later, at the wrong batches.
+:func:`count_epoch_as_started` counts it, from ``on_train_start``.
 
 When ``max_steps`` (or ``should_stop``) ends ``fit`` in the middle of an epoch, Lightning still runs the epoch's end
 and counts the epoch as completed, while its batch counter stays at the batch it stopped after. A checkpoint saved
@@ -29,3 +34,12 @@ def count_stopped_epoch_as_running(trainer: pl.Trainer, checkpoint: dict[str, An
         counts["processed"] -= 1
         counts["completed"] -= completed
     checkpoint["epoch"] -= completed
+
+
+def count_epoch_as_started(trainer: pl.Trainer) -> None:
+    """From ``on_train_start``: count the epoch a restart after an epoch's last batch goes on to as ready and
+    started (Lightning closes the old epoch in its reset, then skips the new one's counts and start hooks)."""
+    epochs = trainer.fit_loop.epoch_progress
+    if trainer.fit_loop.restarted_mid_epoch and epochs.current.ready == epochs.current.processed:
+        epochs.increment_ready()
+        epochs.increment_started()
