@@ -31,7 +31,7 @@ def test_fit_on_two_processes_then_resume_on_one_and_on_two(tmp_path):
     fit(tmp_path, devices=2, max_steps=2)
     checkpoint = tmp_path / "runs" / "moe" / "version_0" / "checkpoints" / "last.ckpt"
     assert sorted(p.name for p in checkpoint.iterdir()) == [
-        "experts-00000-of-00002.safetensors", "experts-00001-of-00002.safetensors", "meta.pt",
+        "experts-00000-of-00002.safetensors", "experts-00001-of-00002.safetensors", "manifest.json", "meta.pt",
     ]
     for devices in (1, 2):
         log = fit(tmp_path, devices, 4, f"--ckpt_path={checkpoint}")
