@@ -2,10 +2,10 @@
 check after every kill that each checkpoint on disk loads or is marked incomplete and that ``last`` never vanished
 nor moved back.
 
-Kill points: ``step``, a seeded delay after the attempt has logged a seeded number of new steps (anywhere in a
-step: forward, backward, optimizer, logging, checkpointing); ``write``, the moment a checkpoint's temporary
-``.NAME.partial`` appears (the harness polls the directory; a kill that landed while it still existed is counted
-as one during a write).
+Kill points, the i-th at a later step than the one before: ``step``, a seeded delay of up to 0.1 s after the
+attempt has logged that step (anywhere in a step: forward, backward, optimizer, logging, checkpointing); ``write``,
+the moment the next checkpoint's temporary ``.NAME.partial`` appears after it (the harness polls the directory; a
+kill that landed while it still existed is counted as one during a write).
 """
 
 from __future__ import annotations
@@ -78,14 +78,17 @@ def run_to_completion(root: Path, command: Callable[[int], list[str]]) -> None:
                        timeout=ATTEMPT_TIMEOUT_S)
 
 
-def run_with_kills(root: Path, command: Callable[[int], list[str]], num_kills: int, seed: int) -> ChaosReport:
+def run_with_kills(root: Path, command: Callable[[int], list[str]], max_steps: int, num_kills: int,
+                   seed: int) -> ChaosReport:
     """Run ``command(attempt)`` until it finishes, SIGKILLing the first ``num_kills`` attempts at seeded points."""
     root.mkdir(parents=True, exist_ok=True)
     rng, report = random.Random(seed), ChaosReport()
     checkpoints = root / "checkpoints"
     while True:
         report.attempts += 1
-        kill = ("step", rng.randint(1, 2), rng.uniform(0.0, 0.5)) if rng.random() < 0.5 else ("write", 1)
+        # The i-th kill comes at a later step than the one before, so every run gets its kills however fast it is.
+        target = 1 + report.total_kills * (max_steps - 4) // num_kills
+        kill = ("step", target, rng.uniform(0.0, 0.1)) if rng.random() < 0.5 else ("write", target)
         logged_before = len(read_trace(root / "trace.jsonl"))
         with (root / "fit.log").open("ab") as log:
             process = subprocess.Popen(command(report.attempts), cwd=REPO, env=environment(), stdout=log, stderr=subprocess.STDOUT,
@@ -103,19 +106,20 @@ def run_with_kills(root: Path, command: Callable[[int], list[str]], num_kills: i
 
 
 def _kill_at(process: subprocess.Popen, kill: tuple, root: Path, checkpoints: Path, logged_before: int) -> bool:
-    """Wait for the kill point and SIGKILL the process group; False if the process ended first."""
-    seen_partials: set[str] = set()
+    """Wait for the kill point (this attempt has logged step ``kill[1]``; then a delay, or the next checkpoint
+    write) and SIGKILL the process group; False if the process ended first."""
     deadline = time.monotonic() + ATTEMPT_TIMEOUT_S
+    reached = False
     while process.poll() is None and time.monotonic() < deadline:
-        if kill[0] == "step":
-            if len(read_trace(root / "trace.jsonl")) - logged_before >= kill[1]:
+        if not reached:
+            reached = any(step >= kill[1] for step, _ in read_trace(root / "trace.jsonl")[logged_before:])
+            if reached and kill[0] == "step":
                 time.sleep(kill[2])
                 break
-            time.sleep(0.01)
+            time.sleep(0.005)
+        elif any(p.name.endswith(PARTIAL_SUFFIX) for p in _entries(checkpoints)):
+            break
         else:
-            seen_partials |= {p.name for p in _entries(checkpoints) if p.name.endswith(PARTIAL_SUFFIX)}
-            if len(seen_partials) >= kill[1]:
-                break
             time.sleep(0.001)
     if process.poll() is not None:
         return False

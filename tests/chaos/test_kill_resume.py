@@ -16,7 +16,7 @@ def _chaos(tmp_path, devices, max_steps, every_n_train_steps, num_kills, seed):
         commands[root] = functools.partial(fit_command, root, max_steps=max_steps,
                                            every_n_train_steps=every_n_train_steps, devices=devices)
     run_to_completion(reference, commands[reference])
-    report = run_with_kills(chaos, commands[chaos], num_kills, seed)
+    report = run_with_kills(chaos, commands[chaos], max_steps, num_kills, seed)
     repeated = assert_same_trace(read_trace(chaos / "trace.jsonl"), read_trace(reference / "trace.jsonl"))
     assert report.total_kills == num_kills
     print(f"\ndevices={devices} steps={max_steps} checkpoint every {every_n_train_steps}: {report.total_kills} kills "
