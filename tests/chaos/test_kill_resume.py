@@ -36,7 +36,7 @@ def test_kills_at_expert_parallel_2_on_gloo_resume_to_the_uninterrupted_loss_tra
     _chaos(tmp_path, devices=2, max_steps=12, every_n_train_steps=1, num_kills=10, seed=2)
 
 
-@pytest.mark.slow
+@pytest.mark.soak
 @pytest.mark.parametrize("seed", [101, 102, 103])
 def test_soak(tmp_path, seed):
     _chaos(tmp_path, devices=1, max_steps=24, every_n_train_steps=1, num_kills=20, seed=seed)
