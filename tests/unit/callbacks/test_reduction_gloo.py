@@ -1,14 +1,13 @@
 """RoutingCounts summed by an all-reduce over 2 gloo processes equal the counts of one process that saw both batches."""
 
-import os
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from moe_lightning.analytics import RoutingCounts
 from moe_lightning.routing import TopKRouter
+from tests.distributed.launch import run_workers
 
 NUM_EXPERTS, NUM_LABELS = 4, 3
 
@@ -31,8 +30,7 @@ def counts_of(ranks):
     return counts
 
 
-def worker(rank, world_size, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def worker(rank, world_size, out):
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
 
     def all_reduce_sum(flat):
@@ -45,16 +43,7 @@ def worker(rank, world_size, port, out):
     dist.destroy_process_group()
 
 
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_rank_all_reduce_equals_one_process(tmp_path):
     out = tmp_path / "reduced.pt"
-    # spawn, not fork: a fork taken after other tests started torch's thread pools can deadlock.
-    mp.spawn(worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    run_workers(worker, 2, str(out))  # spawned, with the rendezvous store on a port the launcher holds
     assert torch.equal(torch.load(out), counts_of([0, 1]).flatten())
