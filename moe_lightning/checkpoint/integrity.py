@@ -22,10 +22,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from moe_lightning.checkpoint.atomic import atomic_write
 from moe_lightning.checkpoint.errors import ArtifactError
 from moe_lightning.checkpoint.reading import safetensors_metadata
 
@@ -87,7 +87,8 @@ def write_manifest(artifact: str | Path) -> Path:
     its path. Call it after the last file of the artifact is written."""
     manifest = build_manifest(artifact)
     path = manifest_path(artifact)
-    write_atomically(path, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
+    atomic_write(path, lambda temporary: temporary.write_text(text))
     signature_path(artifact).unlink(missing_ok=True)
     return path
 
@@ -163,18 +164,6 @@ def verify_manifest(artifact: str | Path, manifest: dict[str, Any] | None = None
                                       f"{path} says {entry['sha256'][:16]}...; write it again or copy it again from "
                                       "its source")
     return True
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory, so readers never see half of it."""
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as f:
-            f.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 TRUSTED_KEY_ENV = "MOE_LIGHTNING_TRUSTED_KEY"

@@ -24,10 +24,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from moe_lightning.checkpoint.atomic import atomic_write
 from moe_lightning.checkpoint.errors import ArtifactError
 from moe_lightning.checkpoint.integrity import (
     TRUSTED_KEY_ENV,
-    write_atomically,
     manifest_path,
     parse_manifest,
     signature_path,
@@ -123,7 +123,8 @@ def sign_artifact(artifact: str | Path, private_key: str | Path | Ed25519Private
         "signature": _b64(key.sign(manifest)),
     }
     path = signature_path(artifact)
-    write_atomically(path, (json.dumps(document, indent=1) + "\n").encode())
+    text = json.dumps(document, indent=1) + "\n"
+    atomic_write(path, lambda temporary: temporary.write_text(text))
     return path
 
 
