@@ -373,7 +373,7 @@ def verify_main(args: list[str]) -> None:
     parser.add_argument("artifact", help="a .safetensors file or a directory")
     parser.add_argument("--public-key", default=None, help="the signer's Ed25519 public key file (keygen's OUT.pub)")
     options = parser.parse_args(args)
-    from moe_lightning.checkpoint.integrity import artifact_files, verify_manifest
+    from moe_lightning.checkpoint.integrity import read_manifest, verify_manifest
 
     try:
         if options.public_key is None:
@@ -381,7 +381,7 @@ def verify_main(args: list[str]) -> None:
             signed_by = "unsigned check: give --public-key to check the signature"
         else:
             signed_by = f"signed by key {_signing_module(parser).verify_signed(options.artifact, options.public_key)}"
-        count = len(artifact_files(options.artifact))
+        count = len(read_manifest(options.artifact)["files"])
     except ArtifactError as error:
         exit_on_artifact_error(parser, error)
     except (ValueError, FileNotFoundError) as error:

@@ -14,6 +14,7 @@ from moe_lightning.experts.grouped import GroupedExperts
 from moe_lightning.finetune.expert_rows import check_expert_indices, train_only_experts_of
 from moe_lightning.layer import MoELayer
 from moe_lightning.routing.base import Router
+from moe_lightning.strategies.sharding import moe_layers as named_moe_layers
 
 ExpertSelection = Mapping[int, Sequence[int]]
 """MoE layer index -> the expert indices to train there; layers left out train no expert."""
@@ -21,7 +22,7 @@ ExpertSelection = Mapping[int, Sequence[int]]
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:
     """Every :class:`MoELayer` of ``model`` in depth order."""
-    return [module for module in model.modules() if isinstance(module, MoELayer)]
+    return [layer for _, layer in named_moe_layers(model)]
 
 
 def freeze(module: nn.Module) -> None:

@@ -10,7 +10,7 @@ from torch import nn
 
 from moe_lightning.experts.grouped import GroupedExperts
 from moe_lightning.finetune.freezing import freeze, moe_layers
-from moe_lightning.finetune.lora_experts import LoRAExperts
+from moe_lightning.finetune.lora_experts import LoRAExperts, check_rank_alpha
 from moe_lightning.inference.quantization.config import MODES
 from moe_lightning.inference.quantization.quantize import quantize_model
 
@@ -49,8 +49,7 @@ def check_lora_arguments(
     rank: int, alpha: float, target_modules: Sequence[str], experts: bool, quantize: str | None
 ) -> None:
     """The checks of :func:`apply_lora`'s arguments that need no model."""
-    if rank < 1 or alpha <= 0:
-        raise ValueError(f"rank must be >= 1 and alpha > 0, got rank={rank}, alpha={alpha}")
+    check_rank_alpha(rank, alpha)
     if quantize is not None and quantize not in MODES:
         raise ValueError(f"quantize must be one of {MODES} or None, got quantize={quantize!r}")
     if not target_modules and not experts:

@@ -58,8 +58,7 @@ class LoRAExperts(nn.Module):
         super().__init__()
         if not isinstance(base, (GroupedExperts, QuantizedExperts)):
             raise TypeError(f"LoRAExperts adapts GroupedExperts or QuantizedExperts, got {type(base).__name__}")
-        if rank < 1 or alpha <= 0:
-            raise ValueError(f"rank must be >= 1 and alpha > 0, got rank={rank}, alpha={alpha}")
+        check_rank_alpha(rank, alpha)
         if implementation not in LORA_IMPLEMENTATIONS:
             raise ValueError(f"implementation must be one of {LORA_IMPLEMENTATIONS}, got {implementation=!r}")
         self.base = base.requires_grad_(False)
@@ -158,3 +157,9 @@ class LoRAExperts(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, implementation={self.implementation!r}"
+
+
+def check_rank_alpha(rank: int, alpha: float) -> None:
+    """Raise unless a LoRA ``rank`` and scale ``alpha`` can be used."""
+    if rank < 1 or alpha <= 0:
+        raise ValueError(f"rank must be >= 1 and alpha > 0, got rank={rank}, alpha={alpha}")

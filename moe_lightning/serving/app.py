@@ -81,6 +81,7 @@ def create_app(
                                                                                record.seconds)]
     if app.state.audit is not None:
         observers.append(app.state.audit.record)
+    app.state.observers = tuple(observers)  # the gRPC server records its calls through the same ones
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestRecordMiddleware, observers=observers)  # outermost: it records the 413s too
     app.include_router(native_api.router)

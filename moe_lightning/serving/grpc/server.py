@@ -106,11 +106,7 @@ def serve_grpc_beside(app: FastAPI, host: str, port: int, **options: Any) -> Grp
     ``app`` is one of :func:`~moe_lightning.serving.app.create_app`; ``options`` go to :class:`GrpcServer`.
     """
     state = app.state
-    observers: list[RequestObserver] = [
-        lambda record: state.metrics.observe_request(record.route, record.status, record.seconds)]
-    if state.audit is not None:
-        observers.append(state.audit.record)
-    server = GrpcServer(state.service, state.access, host, port, observers=observers, **options)
+    server = GrpcServer(state.service, state.access, host, port, observers=state.observers, **options)
     app_lifespan = app.router.lifespan_context
 
     @asynccontextmanager

@@ -74,7 +74,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     def _start(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, call: _Call) -> GenerationStream:
         """Admit the caller, check the request and queue it: what REST does before its first byte."""
         key = bearer_key(context.invocation_metadata()) if self.access.authenticator.required else None
-        call.principal = self.access.admit(key, GENERATION, lambda principal: setattr(call, "principal", principal))
+        self.access.admit(key, GENERATION, lambda principal: setattr(call, "principal", principal))
         body = messages.generate_request(request)
         call.prompts = body.prompts
         prompts = self.service.encode_prompts(body.prompts, "prompts")
