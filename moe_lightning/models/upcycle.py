@@ -34,7 +34,6 @@ from torch import Tensor
 
 from moe_lightning.experts import FeedForward
 from moe_lightning.experts.activations import is_gated
-from moe_lightning.layer import MoELayer
 from moe_lightning.models.config import MoETransformerConfig
 from moe_lightning.models.transformer import MoETransformer, RouterFactory
 from moe_lightning.routing import Router, TopKRouter
@@ -191,7 +190,7 @@ def _plan(
     if not isinstance(dense, MoETransformer):
         raise TypeError(f"upcycle needs a MoETransformer, got {type(dense).__name__}")
     config = dense.config
-    moe_blocks = [i for i, block in enumerate(dense.blocks) if isinstance(block.ffn, MoELayer)]
+    moe_blocks = [i for i in range(config.num_layers) if config.is_moe_layer(i)]
     if moe_blocks:
         raise ValueError(f"upcycle needs a dense model (moe_layers=[]), but blocks {moe_blocks} are already MoE")
     if num_experts < 1 or granularity < 1:
