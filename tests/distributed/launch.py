@@ -10,6 +10,7 @@ this one's ranks then joined, or one of the many ephemeral ports gloo connection
 import os
 from datetime import timedelta
 
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed import TCPStore
 
@@ -25,6 +26,10 @@ def _entry(rank: int, world_size: int, port: int, fn, args, env: dict[str, str])
         TORCHELASTIC_USE_AGENT_STORE="True", **env,
     )
     fn(rank, world_size, *args)
+    # A process group left to interpreter exit can abort the worker ("terminate called without an active exception",
+    # SIGABRT, seen after a Trainer fit had finished): tear it down while the process still runs.
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def run_workers(fn, world_size: int, *args, env: dict[str, str] | None = None) -> None:
