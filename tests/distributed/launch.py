@@ -7,6 +7,7 @@ it has imported torch) left the port to whichever process took it meanwhile: ano
 this one's ranks then joined, or one of the many ephemeral ports gloo connections use on a busy machine.
 """
 
+import faulthandler
 import os
 from datetime import timedelta
 
@@ -19,6 +20,8 @@ STORE_TIMEOUT = timedelta(minutes=30)  # the process group's own default: a load
 
 
 def _entry(rank: int, world_size: int, port: int, fn, args, env: dict[str, str]) -> None:
+    # A worker killed by a signal (SIGABRT from C++, SIGSEGV) prints every thread's Python stack on its stderr.
+    faulthandler.enable(all_threads=True)
     # Lightning's environment detection reads these, so a Trainer in the worker joins the group instead of launching.
     os.environ.update(
         MASTER_ADDR=HOST, MASTER_PORT=str(port), WORLD_SIZE=str(world_size), RANK=str(rank),
