@@ -22,6 +22,9 @@ from moe_lightning.kernels.adamw import TritonAdamW
 from moe_lightning.kernels.cross_entropy import cross_entropy
 from moe_lightning.models.materialize import InitRecord, build_on_meta, materialize
 from moe_lightning.routing import Router, Routing
+# Registers the "expert_parallel" strategy names for the CLI and Trainer(strategy=...): the package's __init__
+# cannot, as it must not import Lightning.
+from moe_lightning import strategies  # noqa: F401
 
 IGNORE_INDEX = -100
 RNG_STATES_KEY = "rng_states"
