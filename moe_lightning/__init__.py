@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from moe_lightning.experts import FeedForward, GroupedExperts, SharedExperts
 from moe_lightning.layer import MoELayer
-from moe_lightning.routing import Router, Routing, TopKRouter
+from moe_lightning.routing import Router, RouterNumerics, Routing, TopKRouter
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
     from moe_lightning.module import MoELightningModule
@@ -25,7 +25,7 @@ _LIGHTNING_NAMES = {
 
 __all__ = [
     "ExpertParallelStrategy", "FeedForward", "GroupedExperts", "MoELayer", "MoELightningModule", "Router",
-    "Routing", "SharedExperts", "TopKRouter",
+    "RouterNumerics", "Routing", "SharedExperts", "TopKRouter",
 ]
 
 

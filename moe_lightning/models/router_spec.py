@@ -6,6 +6,7 @@ weights, so loading a model never unpickles code.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 from collections.abc import Callable
@@ -16,7 +17,8 @@ from moe_lightning.routing import Router
 
 def router_spec(factory: Callable[..., Router]) -> dict[str, Any] | None:
     """``{"class_path", "init_args"}`` of a factory that is a :class:`Router` class or a ``functools.partial`` of one
-    (jsonargparse builds ``partial(<instantiator>, RouterClass, **init_args)``); None for anything else."""
+    (jsonargparse builds ``partial(<instantiator>, RouterClass, **init_args)``); None for anything else. Dataclass
+    arguments (a :class:`RouterNumerics`) are written as mappings of their fields, which routers accept back."""
     init_args: dict[str, Any] = {}
     while isinstance(factory, functools.partial):
         init_args = {**factory.keywords, **init_args}
@@ -29,6 +31,7 @@ def router_spec(factory: Callable[..., Router]) -> dict[str, Any] | None:
             factory = factory.func
     if not _is_router_class(factory):
         return None
+    init_args = {name: _as_data(value) for name, value in init_args.items()}
     return {"class_path": f"{factory.__module__}.{factory.__qualname__}", "init_args": init_args}
 
 
@@ -47,6 +50,10 @@ def router_factory_from_spec(spec: dict[str, Any]) -> Callable[[int, int], Route
     if not isinstance(init_args, dict):
         raise ValueError(f"router init_args must be a mapping, got init_args={init_args!r}")
     return functools.partial(cls, **init_args)
+
+
+def _as_data(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) and not isinstance(value, type) else value
 
 
 def _is_router_class(obj: Any) -> bool:

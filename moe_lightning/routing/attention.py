@@ -10,8 +10,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from moe_lightning.kernels.router_gemm import router_logits
 from moe_lightning.routing.base import Router, Routing
+from moe_lightning.routing.numerics import RouterNumerics
 from moe_lightning.routing.topk import check_num_experts_per_token, topk_routing
 
 
@@ -19,9 +19,9 @@ class AttentionRouter(Router):
     """Score experts by multi-head scaled dot-product attention between tokens and learned expert keys.
 
     Each token is projected to ``H`` queries of size ``Dh``; each expert has one learned key per head. The
-    expert logits are the per-head scores ``q . k / sqrt(Dh)`` averaged over heads, computed in fp32. Then,
-    as in :class:`TopKRouter`, the softmax over experts gives the probabilities and each token takes its
-    ``num_experts_per_token`` best experts.
+    expert logits are the per-head scores ``q . k / sqrt(Dh)`` averaged over heads, computed in the ``numerics``
+    precision. Then, as in :class:`TopKRouter`, the softmax over experts gives the probabilities and each token
+    takes its ``num_experts_per_token`` best experts.
 
     Args:
         dim: model dimension D.
@@ -30,7 +30,7 @@ class AttentionRouter(Router):
         num_heads: number of query/key heads H.
         head_dim: Dh; ``None`` means ``dim // num_heads`` (then ``dim`` must be divisible by ``num_heads``).
         normalize_weights: rescale the K chosen weights of a token to sum to one.
-        load_balance_coef, z_loss_coef, seq_aux_coef: see :class:`Router`.
+        load_balance_coef, z_loss_coef, seq_aux_coef, numerics: see :class:`Router`.
     """
 
     def __init__(
@@ -44,8 +44,9 @@ class AttentionRouter(Router):
         load_balance_coef: float = 0.01,
         z_loss_coef: float = 0.0,
         seq_aux_coef: float = 0.0,
+        numerics: RouterNumerics | None = None,
     ) -> None:
-        super().__init__(dim, num_experts, load_balance_coef, z_loss_coef, seq_aux_coef)
+        super().__init__(dim, num_experts, load_balance_coef, z_loss_coef, seq_aux_coef, numerics)
         check_num_experts_per_token(num_experts, num_experts_per_token)
         if num_heads < 1:
             raise ValueError(f"num_heads must be >= 1, got num_heads={num_heads}")
@@ -71,10 +72,10 @@ class AttentionRouter(Router):
         return self.k
 
     def route(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> Routing:
-        # router_logits is the fp32, autocast-free linear map; the scores stay in fp32 as well.
-        query_THDh = router_logits(x_TD, self.query.weight).view(-1, self.num_heads, self.head_dim)
+        # The query projection is the router's autocast-free linear map; the scores stay in its dtype as well.
+        query_THDh = self.numerics.logits(x_TD, self.query.weight).view(-1, self.num_heads, self.head_dim)
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            score_THE = torch.einsum("thd,hed->the", query_THDh, self.expert_keys_HEDh.float())
-        logits_TE = score_THE.mean(dim=1) / math.sqrt(self.head_dim)
-        probs_TE = torch.softmax(logits_TE, dim=-1)
+            score_THE = torch.einsum("thd,hed->the", query_THDh, self.expert_keys_HEDh.to(query_THDh.dtype))
+        logits_TE = self.numerics.round(score_THE.mean(dim=1) / math.sqrt(self.head_dim))
+        probs_TE = self.numerics.scores(logits_TE)
         return topk_routing(logits_TE, probs_TE, self.k, normalize_weights=self.normalize_weights)

@@ -10,8 +10,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from moe_lightning.kernels.router_gemm import router_logits
 from moe_lightning.routing.base import Router, Routing
+from moe_lightning.routing.numerics import RouterNumerics
 from moe_lightning.routing.topk import check_num_experts_per_token, topk_routing
 
 
@@ -31,7 +31,7 @@ class SinkhornRouter(Router):
         num_experts: number of experts E.
         num_experts_per_token: K, any value in ``[1, E]``.
         num_iterations: Sinkhorn row/column normalisation rounds (fixed, so the cost is predictable).
-        load_balance_coef, z_loss_coef, seq_aux_coef: see :class:`Router`.
+        load_balance_coef, z_loss_coef, seq_aux_coef, numerics: see :class:`Router`.
     """
 
     def __init__(
@@ -43,8 +43,9 @@ class SinkhornRouter(Router):
         load_balance_coef: float = 0.0,
         z_loss_coef: float = 0.0,
         seq_aux_coef: float = 0.0,
+        numerics: RouterNumerics | None = None,
     ) -> None:
-        super().__init__(dim, num_experts, load_balance_coef, z_loss_coef, seq_aux_coef)
+        super().__init__(dim, num_experts, load_balance_coef, z_loss_coef, seq_aux_coef, numerics)
         check_num_experts_per_token(num_experts, num_experts_per_token)
         if num_iterations < 1:
             raise ValueError(f"num_iterations must be >= 1, got num_iterations={num_iterations}")
@@ -57,9 +58,11 @@ class SinkhornRouter(Router):
         return self.k
 
     def route(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> Routing:
-        logits_TE = router_logits(x_TD, self.gate.weight)
-        probs_TE = torch.sigmoid(logits_TE)
-        selection_TE = sinkhorn_log_plan(logits_TE.detach(), self.num_iterations) if self.training else None
+        logits_TE = self.numerics.logits(x_TD, self.gate.weight)
+        probs_TE = self.numerics.scores(logits_TE, "sigmoid")
+        selection_TE = None
+        if self.training:
+            selection_TE = self.numerics.round(sinkhorn_log_plan(logits_TE.detach(), self.num_iterations))
         return topk_routing(logits_TE, probs_TE, self.k, selection_TE, normalize_weights=False)
 
 
@@ -71,7 +74,7 @@ def sinkhorn_log_plan(logits_TE: Tensor, num_iterations: int) -> Tensor:
     """
     num_tokens, num_experts = logits_TE.shape
     log_expert_mass = math.log(max(num_tokens, 1) / num_experts)
-    log_plan_TE = logits_TE.float()
+    log_plan_TE = logits_TE.to(torch.promote_types(logits_TE.dtype, torch.float32))  # fp64 logits stay fp64
     for _ in range(num_iterations):
         log_plan_TE = log_plan_TE - log_plan_TE.logsumexp(dim=1, keepdim=True)
         log_plan_TE = log_plan_TE - log_plan_TE.logsumexp(dim=0, keepdim=True) + log_expert_mass

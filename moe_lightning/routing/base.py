@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from moe_lightning.routing import losses
 from moe_lightning.routing.counting import count_per_bin
+from moe_lightning.routing.numerics import RouterNumerics
 
 
 @dataclass
@@ -28,13 +29,14 @@ class Routing:
     expert_idx_N: Tensor
     """int64 expert of each routed row."""
     weight_N: Tensor
-    """Combine weight of each routed row (fp32, differentiable)."""
+    """Combine weight of each routed row (dtype of ``probs_TE``, differentiable)."""
     tokens_per_expert_E: Tensor
     """int64 number of rows per expert; sums to N."""
     logits_TE: Tensor
-    """Router logits in fp32 (before softmax / sigmoid)."""
+    """Router logits (before softmax / sigmoid) in the router's :class:`RouterNumerics` precision: fp32 (holding
+    bf16 values for a bfloat16 router) or fp64."""
     probs_TE: Tensor
-    """Router scores in fp32 (softmax or sigmoid of the logits) that the weights come from."""
+    """Router scores (softmax or sigmoid of the logits) that the weights come from, in the logits' dtype."""
     num_dropped: Tensor
     """int64 scalar: rows the router wanted but dropped for capacity (0 when dropless)."""
     num_requested: int
@@ -80,6 +82,8 @@ class Router(nn.Module):
         load_balance_coef: weight of the Switch/GShard load-balancing loss.
         z_loss_coef: weight of the router z-loss (ST-MoE).
         seq_aux_coef: weight of the sequence-level balance loss (DeepSeek-V3); needs the sequence length.
+        numerics: the precision of the logits and scores (see :class:`RouterNumerics`); None: fp32. A mapping of
+            its fields is accepted too (a router spec read back from JSON).
     """
 
     def __init__(
@@ -89,6 +93,7 @@ class Router(nn.Module):
         load_balance_coef: float = 0.0,
         z_loss_coef: float = 0.0,
         seq_aux_coef: float = 0.0,
+        numerics: RouterNumerics | None = None,
     ) -> None:
         super().__init__()
         if dim < 1:
@@ -107,6 +112,7 @@ class Router(nn.Module):
         self.load_balance_coef = load_balance_coef
         self.z_loss_coef = z_loss_coef
         self.seq_aux_coef = seq_aux_coef
+        self.numerics = RouterNumerics.coerce(numerics)
 
     @property
     def num_experts_per_token(self) -> float:

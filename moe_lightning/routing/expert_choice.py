@@ -10,16 +10,17 @@ import math
 import torch
 from torch import Tensor, nn
 
-from moe_lightning.kernels.router_gemm import router_logits
 from moe_lightning.routing.base import Router, Routing
+from moe_lightning.routing.numerics import RouterNumerics, topk_indices
 
 
 class ExpertChoiceRouter(Router):
     """Each expert picks its ``C = ceil(capacity_factor * T / E)`` best-scoring tokens (at most T).
 
-    Scores are the softmax over experts of fp32 router logits; a row's combine weight is the token's score
-    for the expert that picked it. Every expert is exactly full, so nothing is ever dropped, but a token
-    may be picked by several experts or by none (it then only passes through the residual).
+    Scores are the softmax over experts of the router logits (in the ``numerics`` precision); a row's combine
+    weight is the token's score for the expert that picked it, and of equally scored tokens an expert takes the
+    earlier. Every expert is exactly full, so nothing is ever dropped, but a token may be picked by several
+    experts or by none (it then only passes through the residual).
 
     Caveat: an expert ranks all T tokens of the batch at once, so in a causal language model a token's
     routing depends on later tokens of its sequence (and on other sequences of the batch). Training thus
@@ -29,7 +30,7 @@ class ExpertChoiceRouter(Router):
         dim: model dimension D.
         num_experts: number of experts E.
         capacity_factor: average number of experts per token; ``C`` is rounded up and clamped to T.
-        load_balance_coef, z_loss_coef, seq_aux_coef: see :class:`Router`; the load is balanced by
+        load_balance_coef, z_loss_coef, seq_aux_coef, numerics: see :class:`Router`; the load is balanced by
             construction, so only the z-loss is usually useful.
     """
 
@@ -41,8 +42,9 @@ class ExpertChoiceRouter(Router):
         load_balance_coef: float = 0.0,
         z_loss_coef: float = 0.0,
         seq_aux_coef: float = 0.0,
+        numerics: RouterNumerics | None = None,
     ) -> None:
-        super().__init__(dim, num_experts, load_balance_coef, z_loss_coef, seq_aux_coef)
+        super().__init__(dim, num_experts, load_balance_coef, z_loss_coef, seq_aux_coef, numerics)
         if capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be > 0, got capacity_factor={capacity_factor}")
         self.capacity_factor = capacity_factor
@@ -58,11 +60,11 @@ class ExpertChoiceRouter(Router):
         return min(math.ceil(self.capacity_factor * num_tokens / self.num_experts), num_tokens)
 
     def route(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> Routing:
-        logits_TE = router_logits(x_TD, self.gate.weight)
-        probs_TE = torch.softmax(logits_TE, dim=-1)
+        logits_TE = self.numerics.logits(x_TD, self.gate.weight)
+        probs_TE = self.numerics.scores(logits_TE)
         capacity = self.capacity(x_TD.shape[0])
 
-        token_idx_EC = probs_TE.detach().t().topk(capacity, dim=-1).indices
+        token_idx_EC = topk_indices(probs_TE.detach().t(), capacity)
         expert_idx_EC = torch.arange(self.num_experts, device=x_TD.device).unsqueeze(-1).expand_as(token_idx_EC)
         token_idx_N = token_idx_EC.reshape(-1)
         expert_idx_N = expert_idx_EC.reshape(-1)

@@ -11,10 +11,10 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from moe_lightning.kernels.router_gemm import router_logits
 from moe_lightning.routing.base import Router, Routing, routing_from_topk
 from moe_lightning.routing.counting import count_per_bin
 from moe_lightning.routing.losses import expert_bias_step
+from moe_lightning.routing.numerics import RouterNumerics, topk_indices
 
 
 class TopKRouter(Router):
@@ -24,7 +24,7 @@ class TopKRouter(Router):
         dim: model dimension D.
         num_experts: number of experts E.
         num_experts_per_token: K, any value in ``[1, E]``.
-        score_func: ``"softmax"`` (Mixtral, Qwen) or ``"sigmoid"`` (DeepSeek-V3); always computed in fp32.
+        score_func: ``"softmax"`` (Mixtral, Qwen) or ``"sigmoid"`` (DeepSeek-V3), in the ``numerics`` precision.
         normalize_weights: rescale the K chosen weights of a token to sum to one.
         routed_scaling_factor: multiplies the combine weights (DeepSeek-V3 uses 2.5).
         jitter_eps: in training, multiply the router input by noise drawn from ``U(1 - eps, 1 + eps)``.
@@ -39,7 +39,7 @@ class TopKRouter(Router):
         num_expert_groups: split the experts into this many groups for group-limited routing.
         num_groups_per_token: each token chooses experts from only this many groups (ranked by the sum
             of their two best scores).
-        load_balance_coef, z_loss_coef, seq_aux_coef: see :class:`Router`.
+        load_balance_coef, z_loss_coef, seq_aux_coef, numerics: see :class:`Router`.
     """
 
     def __init__(
@@ -61,8 +61,9 @@ class TopKRouter(Router):
         load_balance_coef: float = 0.01,
         z_loss_coef: float = 0.0,
         seq_aux_coef: float = 0.0,
+        numerics: RouterNumerics | None = None,
     ) -> None:
-        super().__init__(dim, num_experts, load_balance_coef, z_loss_coef, seq_aux_coef)
+        super().__init__(dim, num_experts, load_balance_coef, z_loss_coef, seq_aux_coef, numerics)
         _validate_topk(num_experts, num_experts_per_token, num_expert_groups, num_groups_per_token)
         if score_func not in ("softmax", "sigmoid"):
             raise ValueError(f"score_func must be 'softmax' or 'sigmoid', got score_func={score_func!r}")
@@ -99,12 +100,12 @@ class TopKRouter(Router):
     def route(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> Routing:
         if self.training and self.jitter_eps > 0:
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - self.jitter_eps, 1 + self.jitter_eps)
-        logits_TE = router_logits(x_TD, self.gate.weight)
-        probs_TE = torch.softmax(logits_TE, dim=-1) if self.score_func == "softmax" else torch.sigmoid(logits_TE)
+        logits_TE = self.numerics.logits(x_TD, self.gate.weight)
+        probs_TE = self.numerics.scores(logits_TE, self.score_func)
 
         selection_TE = probs_TE.detach()
         if self.expert_bias_E is not None:
-            selection_TE = selection_TE + self.expert_bias_E
+            selection_TE = self.numerics.round(selection_TE + self.expert_bias_E)
         if self.num_expert_groups > 1:
             selection_TE = self._mask_unselected_groups(selection_TE)
         routing = topk_routing(
@@ -123,7 +124,7 @@ class TopKRouter(Router):
         scores_TGe = scores_TE.view(num_tokens, self.num_expert_groups, -1)
         best_two = min(2, scores_TGe.shape[-1])
         group_score_TG = scores_TGe.topk(best_two, dim=-1).values.sum(dim=-1)
-        group_idx = group_score_TG.topk(self.num_groups_per_token, dim=-1).indices
+        group_idx = topk_indices(group_score_TG, self.num_groups_per_token)
         keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, group_idx, True)
         return scores_TGe.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).view(num_tokens, -1)
 
@@ -175,13 +176,14 @@ def topk_routing(
     normalize_weights: bool = True,
     scaling_factor: float = 1.0,
 ) -> Routing:
-    """Each token takes the ``k`` experts with the highest ``selection_TE`` (default: ``probs_TE``).
+    """Each token takes the ``k`` experts with the highest ``selection_TE`` (default: ``probs_TE``), best first,
+    equal scores to the lower expert index (:func:`topk_indices`).
 
     The combine weights are the chosen ``probs_TE`` entries, optionally rescaled to sum to one per token,
     times ``scaling_factor``. Selection never carries gradients; the weights do.
     """
     selection_TE = probs_TE.detach() if selection_TE is None else selection_TE
-    expert_idx_TK = selection_TE.topk(k, dim=-1).indices
+    expert_idx_TK = topk_indices(selection_TE, k)
     weight_TK = probs_TE.gather(1, expert_idx_TK)
     if normalize_weights:
         weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
