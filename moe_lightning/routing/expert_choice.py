@@ -29,7 +29,8 @@ class ExpertChoiceRouter(Router):
     Args:
         dim: model dimension D.
         num_experts: number of experts E.
-        capacity_factor: average number of experts per token; ``C`` is rounded up and clamped to T.
+        capacity_factor: average number of experts per token; ``C`` is rounded up and clamped to T, so ``inf``
+            (``.inf`` in YAML) sends every token to every expert.
         load_balance_coef, z_loss_coef, seq_aux_coef, numerics: see :class:`Router`; the load is balanced by
             construction, so only the z-loss is usually useful.
     """
@@ -45,7 +46,7 @@ class ExpertChoiceRouter(Router):
         numerics: RouterNumerics | None = None,
     ) -> None:
         super().__init__(dim, num_experts, load_balance_coef, z_loss_coef, seq_aux_coef, numerics)
-        if capacity_factor <= 0:
+        if not capacity_factor > 0:  # NaN fails too
             raise ValueError(f"capacity_factor must be > 0, got capacity_factor={capacity_factor}")
         self.capacity_factor = capacity_factor
         self.gate = nn.Linear(dim, num_experts, bias=False)
@@ -57,6 +58,8 @@ class ExpertChoiceRouter(Router):
 
     def capacity(self, num_tokens: int) -> int:
         """Tokens each expert takes from a batch of ``num_tokens``."""
+        if self.capacity_factor == math.inf:
+            return num_tokens
         return min(math.ceil(self.capacity_factor * num_tokens / self.num_experts), num_tokens)
 
     def route(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> Routing:

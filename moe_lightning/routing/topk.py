@@ -29,8 +29,10 @@ class TopKRouter(Router):
         routed_scaling_factor: multiplies the combine weights (DeepSeek-V3 uses 2.5).
         jitter_eps: in training, multiply the router input by noise drawn from ``U(1 - eps, 1 + eps)``.
         capacity_factor: if set, each expert keeps at most ``ceil(capacity_factor * T * K / E)`` rows in
-            training and the rest are dropped; ``None`` is dropless.
-        eval_capacity_factor: the same for evaluation; ``None`` reuses ``capacity_factor``.
+            training and the rest are dropped; ``None`` is dropless, and so is ``float("inf")`` (``.inf`` in YAML),
+            which is stored as None.
+        eval_capacity_factor: the same for evaluation; ``None`` reuses ``capacity_factor`` (so ``inf`` is how a
+            capacity-limited router evaluates dropless).
         drop_policy: which rows an over-full expert drops: ``"probability"`` keeps the highest-scoring,
             ``"position"`` keeps first choices before second choices, earlier tokens first.
         expert_bias: keep a per-expert bias added to the scores for selection only (aux-loss-free
@@ -70,8 +72,8 @@ class TopKRouter(Router):
         if drop_policy not in ("probability", "position"):
             raise ValueError(f"drop_policy must be 'probability' or 'position', got drop_policy={drop_policy!r}")
         for name, value in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
-            if value is not None and value <= 0:
-                raise ValueError(f"{name} must be > 0 (or None for dropless), got {name}={value}")
+            if value is not None and not value > 0:  # NaN fails too
+                raise ValueError(f"{name} must be > 0 (or None or inf for dropless), got {name}={value}")
         if not 0 <= jitter_eps < 1:
             raise ValueError(f"jitter_eps must be in [0, 1), got jitter_eps={jitter_eps}")
         if bias_update_rate < 0:
@@ -81,8 +83,11 @@ class TopKRouter(Router):
         self.normalize_weights = normalize_weights
         self.routed_scaling_factor = routed_scaling_factor
         self.jitter_eps = jitter_eps
-        self.capacity_factor = capacity_factor
-        self.eval_capacity_factor = capacity_factor if eval_capacity_factor is None else eval_capacity_factor
+        # inf is stored as None, so `capacity_factor is None` means dropless wherever it is read.
+        self.capacity_factor = _dropless_as_none(capacity_factor)
+        self.eval_capacity_factor = _dropless_as_none(
+            capacity_factor if eval_capacity_factor is None else eval_capacity_factor
+        )
         self.drop_policy = drop_policy
         self.bias_update_rate = bias_update_rate
         self.num_expert_groups = num_expert_groups
@@ -111,7 +116,8 @@ class TopKRouter(Router):
         routing = topk_routing(
             logits_TE, probs_TE, self.k, selection_TE, self.normalize_weights, self.routed_scaling_factor
         )
-        capacity_factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        # A factor set after construction (by a capacity-tuning callback, say) may be inf as well.
+        capacity_factor = _dropless_as_none(self.capacity_factor if self.training else self.eval_capacity_factor)
         if capacity_factor is not None:
             capacity = math.ceil(capacity_factor * x_TD.shape[0] * self.k / self.num_experts)
             routing = drop_over_capacity(routing, capacity, self.drop_policy, self.k)
@@ -140,6 +146,11 @@ class TopKRouter(Router):
         load_E = self.expert_load_E if tokens_per_expert_E is None else tokens_per_expert_E
         expert_bias_step(self.expert_bias_E, load_E, self.bias_update_rate)
         self.expert_load_E.zero_()
+
+
+def _dropless_as_none(capacity_factor: float | None) -> float | None:
+    """None for a dropless capacity factor (None or inf), else the factor."""
+    return None if capacity_factor == math.inf else capacity_factor
 
 
 def check_num_experts_per_token(num_experts: int, k: int) -> None:
