@@ -21,6 +21,7 @@ from moe_lightning.inference.decoding import Decoder, EagerDecoder
 from moe_lightning.inference.sampling import next_tokens
 from moe_lightning.models import MoETransformer
 from moe_lightning.routing import ExpertChoiceRouter, TopKRouter
+from moe_lightning.routing.soft import SoftMoERouter
 
 Prompts = Tensor | Sequence[Sequence[int]]
 
@@ -121,8 +122,9 @@ def check_per_token_routing(model: nn.Module) -> None:
     """Refuse routers whose eval-mode decision for a token depends on the other tokens of the batch.
 
     Expert choice picks tokens per expert over the whole batch (future tokens included); a capacity-limited top-k
-    router (``eval_capacity_factor`` set) drops rows by batch-wide rank. Either would make a token's experts, and
-    so the generated text, depend on how it was batched and cached.
+    router (``eval_capacity_factor`` set) drops rows by batch-wide rank; soft MoE mixes the tokens at each position
+    across the batch. Each would make a token's experts, and so the generated text, depend on how it was batched
+    and cached.
     """
     batch_dependent = []
     for name, module in model.named_modules():
@@ -130,6 +132,8 @@ def check_per_token_routing(model: nn.Module) -> None:
             batch_dependent.append(f"{name} (expert choice)")
         elif isinstance(module, TopKRouter) and module.eval_capacity_factor is not None:
             batch_dependent.append(f"{name} (eval_capacity_factor={module.eval_capacity_factor})")
+        elif isinstance(module, SoftMoERouter):
+            batch_dependent.append(f"{name} (soft MoE mixes the batch's tokens at each position)")
     if batch_dependent:
         raise ValueError(
             "generation needs per-token routing, but these routers decide over the whole batch: "

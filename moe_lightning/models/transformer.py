@@ -23,6 +23,8 @@ from moe_lightning.models.kv_cache import KVCache
 from moe_lightning.models.latent_attention import LatentAttention
 from moe_lightning.models.router_spec import router_factory_from_spec, router_spec
 from moe_lightning.routing import Router, Routing, TopKRouter
+from moe_lightning.routing.soft import SoftMoERouter
+from moe_lightning.soft_layer import SoftMoELayer
 
 RouterFactory = Callable[[int, int], Router]
 """Builds one router from ``(dim, num_experts)``; in YAML, a router ``class_path`` with its other ``init_args``."""
@@ -127,6 +129,14 @@ def build_router(config: MoETransformerConfig, layer_idx: int, router: RouterFac
         raise type(error)(f"layer_overrides: block {layer_idx}'s router: {error}") from error
 
 
+def build_moe_layer(router: Router, experts: nn.Module, shared: nn.Module | None) -> MoELayer:
+    """The layer that runs ``router``: a :class:`SoftMoELayer` for a router that mixes tokens into slots (a decision
+    no list of token rows expresses), else an :class:`MoELayer`. So a router ``class_path`` alone, model-wide or in a
+    :class:`LayerOverride`, chooses soft MoE, and exports, which record the router spec, load it back."""
+    layer_class = SoftMoELayer if isinstance(router, SoftMoERouter) else MoELayer
+    return layer_class(router, experts, shared)
+
+
 class TransformerBlock(nn.Module):
     """Pre-norm block: attention, then either an :class:`MoELayer` or a dense :class:`FeedForward`."""
 
@@ -147,7 +157,7 @@ class TransformerBlock(nn.Module):
                 config.num_experts_in(layer_idx), config.dim, config.expert_hidden_dim, config.activation,
                 config.experts_implementation, init_std=config.init_std,
             )
-            self.ffn = MoELayer(build_router(config, layer_idx, router), experts, shared)
+            self.ffn = build_moe_layer(build_router(config, layer_idx, router), experts, shared)
         else:
             self.ffn = FeedForward(config.dim, config.ffn_hidden_dim, config.activation)
 
@@ -172,7 +182,8 @@ class MoETransformer(nn.Module):
 
     For incremental decoding pass a :class:`KVCache` (see :func:`moe_lightning.inference.generate`). Routing stays
     per token only where the router's eval-mode decision is: top-k, hash, attention-based and (in eval mode)
-    Sinkhorn routers are; expert choice and capacity-limited top-k look at the whole batch.
+    Sinkhorn routers are; expert choice and capacity-limited top-k look at the whole batch, and soft MoE
+    (:class:`SoftMoERouter`, run by a :class:`SoftMoELayer`) mixes the batch's tokens at each position.
 
     ``config.layer_overrides`` gives single blocks another router, expert count or top-k (see :class:`LayerOverride`);
     ``router`` builds the others. ``router_spec`` holds the router factory as data (``class_path`` and ``init_args``) when it is a
