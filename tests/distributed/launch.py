@@ -11,9 +11,10 @@ import faulthandler
 import os
 from datetime import timedelta
 
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed import TCPStore
+
+from moe_lightning.strategies.process_groups import release_process_groups
 
 HOST = "127.0.0.1"
 STORE_TIMEOUT = timedelta(minutes=30)  # the process group's own default: a loaded machine may start ranks slowly
@@ -29,10 +30,7 @@ def _entry(rank: int, world_size: int, port: int, fn, args, env: dict[str, str])
         TORCHELASTIC_USE_AGENT_STORE="True", **env,
     )
     fn(rank, world_size, *args)
-    # A process group left to interpreter exit can abort the worker ("terminate called without an active exception",
-    # SIGABRT, seen after a Trainer fit had finished): tear it down while the process still runs.
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    release_process_groups()
 
 
 def run_workers(fn, world_size: int, *args, env: dict[str, str] | None = None) -> None:
