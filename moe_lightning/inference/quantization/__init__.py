@@ -7,10 +7,18 @@ files through this package.
 from moe_lightning.inference.quantization.config import QuantizationConfig
 from moe_lightning.inference.quantization.experts import QuantizedExperts
 from moe_lightning.inference.quantization.export import is_quantized_file, load_quantized, save_quantized
+from moe_lightning.inference.quantization.formats import FLOAT_FORMAT, format_config
 from moe_lightning.inference.quantization.linear import QuantizedLinear
-from moe_lightning.inference.quantization.quantize import expert_weight_bytes, quantize_model, weight_bytes
+from moe_lightning.inference.quantization.mixed import MixedPrecisionExperts
+from moe_lightning.inference.quantization.quantize import (
+    expert_weight_bytes,
+    quantize_experts_by_format,
+    quantize_model,
+    weight_bytes,
+)
 
 __all__ = [
-    "QuantizationConfig", "QuantizedExperts", "QuantizedLinear", "expert_weight_bytes", "is_quantized_file",
-    "load_quantized", "quantize_model", "save_quantized", "weight_bytes",
+    "FLOAT_FORMAT", "MixedPrecisionExperts", "QuantizationConfig", "QuantizedExperts", "QuantizedLinear",
+    "expert_weight_bytes", "format_config", "is_quantized_file", "load_quantized", "quantize_experts_by_format",
+    "quantize_model", "save_quantized", "weight_bytes",
 ]

@@ -9,6 +9,7 @@ H input-projection width (2F for SwiGLU: gate and up side by side, F for GELU).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -71,21 +72,10 @@ class QuantizedExperts(nn.Module):
                    device=experts.w_in_EDH.device)
 
     def forward(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
-        dtype = compute_dtype(x_ND)
-        x_ND = x_ND.to(dtype)
-        counts = tokens_per_expert_E.tolist()
-        if len(counts) != self.num_experts or sum(counts) != x_ND.shape[0]:
-            raise ValueError(
-                f"tokens_per_expert_E must hold {self.num_experts} counts summing to the {x_ND.shape[0]} rows, "
-                f"got {counts}"
-            )
-        outputs = []
-        for e, x_nD in enumerate(x_ND.split(counts)):
-            if x_nD.shape[0] == 0:
-                continue
-            h_nH = self.w_in_EHD.matmul(x_nD, e)
-            outputs.append(self.w_down_EDF.matmul(activate(h_nH, self.activation), e).to(dtype))
-        return torch.cat(outputs) if outputs else x_ND.new_zeros(0, self.dim)
+        return per_expert_forward(
+            x_ND, tokens_per_expert_E, self.num_experts, self.dim, self.activation,
+            lambda e: (self.w_in_EHD, self.w_down_EDF, e),
+        )
 
     def dequantized_weights(self) -> tuple[Tensor, Tensor]:
         """``(w_in_EDH, w_down_EFD)`` as float32 in :class:`GroupedExperts`' layout: the weights this module computes
@@ -105,3 +95,30 @@ class QuantizedExperts(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, "
                 f"activation={self.activation!r}")
+
+
+MatricesOf = Callable[[int], tuple[nn.Module, nn.Module, int]]
+
+
+def per_expert_forward(
+    x_ND: Tensor, tokens_per_expert_E: Tensor, num_experts: int, dim: int, activation: Activation,
+    matrices_of: MatricesOf,
+) -> Tensor:
+    """Each expert's rows through its two projections, skipping experts without rows (bitsandbytes has no grouped
+    GEMM). ``matrices_of(e)`` gives expert ``e``'s ``(w_in, w_down, index)``: two modules with ``matmul(x_MK, index)``
+    (:class:`QuantizedMatrices` or one of its float stand-ins) and the expert's index in them."""
+    dtype = compute_dtype(x_ND)
+    x_ND = x_ND.to(dtype)
+    counts = tokens_per_expert_E.tolist()
+    if len(counts) != num_experts or sum(counts) != x_ND.shape[0]:
+        raise ValueError(
+            f"tokens_per_expert_E must hold {num_experts} counts summing to the {x_ND.shape[0]} rows, got {counts}"
+        )
+    outputs = []
+    for e, x_nD in enumerate(x_ND.split(counts)):
+        if x_nD.shape[0] == 0:
+            continue
+        w_in, w_down, index = matrices_of(e)
+        h_nH = w_in.matmul(x_nD, index)
+        outputs.append(w_down.matmul(activate(h_nH, activation), index).to(dtype))
+    return torch.cat(outputs) if outputs else x_ND.new_zeros(0, dim)

@@ -4,10 +4,13 @@
 :class:`QuantizedExperts`; with ``dense=True`` also every dense ``nn.Linear`` (attention projections, dense
 feed-forwards, shared experts) for :class:`QuantizedLinear`. Routers, norms, embeddings and the LM head are kept
 as they are: routing decisions are sensitive and cheap, and the head is tied to or as large as the embedding.
+``quantize_experts_by_format(model, formats)`` gives each expert a format of its own (:class:`MixedPrecisionExperts`),
+as a serving plan asks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
@@ -17,6 +20,7 @@ from moe_lightning.experts.shared import SharedExperts
 from moe_lightning.inference.quantization.config import QuantizationConfig, as_config
 from moe_lightning.inference.quantization.experts import QuantizedExperts
 from moe_lightning.inference.quantization.linear import QuantizedLinear
+from moe_lightning.inference.quantization.mixed import MixedPrecisionExperts
 from moe_lightning.layer import MoELayer
 from moe_lightning.routing.base import Router
 
@@ -37,23 +41,45 @@ def quantize_model(
             (4-bit), ``threshold`` (int8).
     """
     config = as_config(mode, options)
-    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, MoELayer)]
     linears = dense_linear_names(model) if dense else []
-    if not layers and not linears:
-        raise ValueError(f"{type(model).__name__} has no MoELayer" + (" and no dense nn.Linear" if dense else "")
-                         + " to quantise")
-    for name, layer in layers:  # check every layer before changing any
-        if isinstance(layer.experts, QuantizedExperts):
-            raise ValueError(f"{name}.experts is already quantised (mode={layer.experts.config.mode!r})")
-        if not isinstance(layer.experts, GroupedExperts):
-            raise TypeError(
-                f"quantize_model quantises GroupedExperts, but {name}.experts is {type(layer.experts).__name__}"
-            )
+    layers = _layers_to_quantize(model, require=not linears, what=" and no dense nn.Linear" if dense else "")
     for _, layer in layers:
         layer.experts = QuantizedExperts.from_experts(layer.experts, config)
     for name in linears:
         model.set_submodule(name, QuantizedLinear.from_linear(model.get_submodule(name), config))
     return model
+
+
+def quantize_experts_by_format(model: nn.Module, expert_formats: Sequence[Sequence[str]]) -> nn.Module:
+    """Quantise ``model``'s experts in place, expert ``e`` of the ``l``-th :class:`MoELayer` (model order) to
+    ``expert_formats[l][e]`` (``"bf16"``, ``"int8"``, ``"nf4-b32-dq"``, ...: see
+    :mod:`moe_lightning.inference.quantization.formats`); return ``model``."""
+    layers = _layers_to_quantize(model)
+    if len(expert_formats) != len(layers):
+        raise ValueError(f"expert_formats has {len(expert_formats)} layers, {type(model).__name__} has {len(layers)} "
+                         "MoE layers")
+    for (name, layer), formats in zip(layers, expert_formats):
+        if len(formats) != layer.experts.num_experts:
+            raise ValueError(f"expert_formats names {len(formats)} formats for {name}, which has "
+                             f"{layer.experts.num_experts} experts")
+    for (_, layer), formats in zip(layers, expert_formats):
+        layer.experts = MixedPrecisionExperts.from_experts(layer.experts, formats)
+    return model
+
+
+def _layers_to_quantize(model: nn.Module, require: bool = True, what: str = "") -> list[tuple[str, MoELayer]]:
+    """The MoE layers, each checked to hold GroupedExperts before any is changed; ``require``: at least one."""
+    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, MoELayer)]
+    if require and not layers:
+        raise ValueError(f"{type(model).__name__} has no MoELayer{what} to quantise")
+    for name, layer in layers:
+        if isinstance(layer.experts, (QuantizedExperts, MixedPrecisionExperts)):
+            raise ValueError(f"{name}.experts is already quantised ({type(layer.experts).__name__})")
+        if not isinstance(layer.experts, GroupedExperts):
+            raise TypeError(
+                f"quantisation needs GroupedExperts, but {name}.experts is {type(layer.experts).__name__}"
+            )
+    return layers
 
 
 def dense_linear_names(model: nn.Module) -> list[str]:
@@ -81,8 +107,9 @@ def dense_linear_names(model: nn.Module) -> list[str]:
 
 
 def quantized_modules(model: nn.Module) -> dict[str, QuantizedExperts | QuantizedLinear]:
-    """Every :class:`QuantizedExperts` and :class:`QuantizedLinear` of ``model`` by name."""
-    kinds = (QuantizedExperts, QuantizedLinear)
+    """Every :class:`QuantizedExperts`, :class:`MixedPrecisionExperts` and :class:`QuantizedLinear` of ``model`` by
+    name."""
+    kinds = (QuantizedExperts, MixedPrecisionExperts, QuantizedLinear)
     return {name: module for name, module in model.named_modules() if isinstance(module, kinds)}
 
 
