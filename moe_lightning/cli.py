@@ -325,6 +325,59 @@ def quantize_main(args: list[str]) -> None:
     run(args)
 
 
+def plan_main(args: list[str]) -> None:
+    """``moe-lightning plan CHECKPOINT --stats router_stats.jsonl --budget 2GiB --output plan.json``: per MoE layer and
+    expert, the format to serve it in (bf16, int8, NF4 variants) and the experts to pin, from the training run's
+    routing statistics, within a memory budget for the experts; ``quantize --plan`` and ``serve --plan`` take the
+    file. The rule: the hottest experts get the most bits (see moe_lightning.inference.plan_allocation)."""
+    from moe_lightning.inference.plan import count_or_fraction
+    from moe_lightning.inference.plan_allocation import DEFAULT_FORMATS
+
+    parser = argparse.ArgumentParser(prog="moe-lightning plan", description=plan_main.__doc__)
+    parser.add_argument("checkpoint", help="the trained float model: a .safetensors export or a Lightning .ckpt")
+    parser.add_argument("--stats", required=True, help="its training run's router_stats.jsonl (RouterStatsMonitor)")
+    parser.add_argument("--budget", required=True,
+                        help="device memory for all experts: bytes, a size such as 512MiB or 2GB, or a format name "
+                             "(nf4: what every expert in uniform nf4 takes)")
+    parser.add_argument("--output", required=True, help="the plan file to write (JSON)")
+    parser.add_argument("--formats", default=",".join(DEFAULT_FORMATS),
+                        help=f"comma-separated candidate formats, MODE[-bBLOCKSIZE][-dq] or bf16 "
+                             f"(default: {','.join(DEFAULT_FORMATS)})")
+    parser.add_argument("--pin", type=count_or_fraction, default=0,
+                        help="experts per layer to pin (in bf16; in the expert cache when serving offloaded), hottest "
+                             "first: a count, or a fraction of the experts below 1 (default: 0)")
+    parser.add_argument("--last-n", type=int, default=None, help="use the last N records of --stats (default: all)")
+    parser.add_argument("--config", default=None, help="the run's config.yaml, for a .ckpt (default: found beside it)")
+    options = parser.parse_args(args)
+    from moe_lightning.inference.engine import load_model
+    from moe_lightning.inference.plan_allocation import propose_plan
+
+    try:
+        model = load_model(options.checkpoint, options.config)
+        plan = propose_plan(model, options.stats, options.budget, options.formats.split(","), options.pin,
+                            options.last_n)
+        plan.save(options.output)
+    except ArtifactError as error:
+        exit_on_artifact_error(parser, error)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        parser.error(str(error))
+    print_plan(plan)
+    print(f"wrote {options.output}")
+
+
+def print_plan(plan: Any) -> None:
+    """Per MoE layer: how many experts each format got, the pinned experts, the bytes; then the total."""
+    names = list(dict.fromkeys(f for formats in plan.expert_formats for f in formats))
+    table = Table("layer", *names, "pinned", "MiB", title="serving plan")
+    for layer in plan.layers:
+        formats = layer.expert_formats
+        table.add_row(f"{layer.layer} ({layer.name})", *(str(formats.count(name)) for name in names),
+                      str(layer.pinned or "-"), f"{layer.bytes / 2**20:.3f}")
+    Console().print(table)
+    print(f"experts: {plan.total_bytes} bytes ({plan.total_bytes / 2**20:.3f} MiB) of the budget "
+          f"{plan.budget_bytes} bytes ({plan.budget_bytes / 2**20:.3f} MiB)")
+
+
 def serve_main(args: list[str]) -> None:
     """``moe-lightning serve --checkpoint CHECKPOINT`` (see ``--help``)."""
     from moe_lightning.serving.cli import serve_main as run
@@ -399,7 +452,8 @@ def _signing_module(parser: argparse.ArgumentParser) -> Any:
 
 SUBCOMMANDS = {
     "report": report_main, "dashboard": dashboard_main, "export": export_main, "generate": generate_main,
-    "quantize": quantize_main, "serve": serve_main, "import-hf": import_hf_main, "export-hf": export_hf_main,
+    "quantize": quantize_main, "plan": plan_main, "serve": serve_main, "import-hf": import_hf_main,
+    "export-hf": export_hf_main,
     "keygen": keygen_main, "sign": sign_main, "verify": verify_main,
 }
 

@@ -1,5 +1,5 @@
-"""``moe-lightning quantize``: a trained model's experts in int8 / NF4 / FP4, saved as one safetensors file, with the
-memory saved and the validation perplexity before and after."""
+"""``moe-lightning quantize``: a trained model's experts in int8 / NF4 / FP4 (or each in the format a serving plan
+gives it), saved as one safetensors file, with the memory saved and the validation perplexity before and after."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from moe_lightning.data.windows import IGNORE_INDEX, ContiguousWindows
 from moe_lightning.experts.grouped import GroupedExperts
 from moe_lightning.inference.engine import load_model
+from moe_lightning.inference.plan import ServingPlan, apply_plan
 from moe_lightning.inference.quantization.config import COMPUTE_DTYPES, MODES, QuantizationConfig
 from moe_lightning.inference.quantization.export import save_quantized
 from moe_lightning.inference.quantization.quantize import expert_weight_bytes, quantize_model, weight_bytes
@@ -26,12 +27,16 @@ BYTE_VOCAB = 256
 
 
 def quantize_main(args: list[str]) -> None:
-    """``moe-lightning quantize CHECKPOINT --mode nf4 --output OUT.safetensors [--dense] [options]``: quantise a
-    trained model's experts (and with ``--dense`` its dense linear layers) with bitsandbytes, save it as one
-    self-describing safetensors file, and print the memory and validation perplexity before and after."""
+    """``moe-lightning quantize CHECKPOINT (--mode nf4 | --plan PLAN) --output OUT.safetensors [--dense] [options]``:
+    quantise a trained model's experts (and with ``--dense`` its dense linear layers) with bitsandbytes, or each expert
+    to the format of a serving plan (``moe-lightning plan``), save it as one self-describing safetensors file, and
+    print the memory and validation perplexity before and after."""
     parser = argparse.ArgumentParser(prog="moe-lightning quantize", description=quantize_main.__doc__)
     parser.add_argument("checkpoint", help="a .safetensors export or a Lightning .ckpt")
-    parser.add_argument("--mode", required=True, choices=MODES, help="int8 (LLM.int8), nf4 or fp4")
+    how = parser.add_mutually_exclusive_group(required=True)
+    how.add_argument("--mode", choices=MODES, help="int8 (LLM.int8), nf4 or fp4")
+    how.add_argument("--plan", help="a serving plan: each expert in its own format (the plan's formats carry their "
+                                    "block size and double quantisation; --dense and the format options do not apply)")
     parser.add_argument("--output", required=True, help="the .safetensors file to write")
     parser.add_argument("--dense", action="store_true",
                         help="also quantise dense linear layers (attention, dense FFNs, shared experts); never "
@@ -52,21 +57,23 @@ def quantize_main(args: list[str]) -> None:
     options = parser.parse_args(args)
     device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        config = QuantizationConfig(
-            options.mode, blocksize=options.blocksize, double_quant=options.double_quant,
-            compute_dtype=options.compute_dtype, threshold=options.threshold,
-        )
+        plan, config = _plan_or_config(options)
         output = Path(options.output)
         if output.suffix != ".safetensors":
             raise ValueError(f"--output {output} must end in .safetensors")
         model = load_model(Path(options.checkpoint), options.config).to(device).eval()
+        if plan is not None:
+            plan.check_model(model)
         batches = eval_batches(model, options) if options.eval_batches > 0 else None
         rows = {"expert weights": [expert_weight_bytes(model)], "all weights": [weight_bytes(model)]}
         bf16_expert_bytes = 2 * sum(
             p.numel() for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()
         )
         perplexities = [perplexity(model, batches)] if batches else []
-        quantize_model(model, config, dense=options.dense)
+        if plan is not None:
+            apply_plan(model, plan)
+        else:
+            quantize_model(model, config, dense=options.dense)
         rows["expert weights"].append(expert_weight_bytes(model))
         rows["all weights"].append(weight_bytes(model))
         if batches:
@@ -75,8 +82,28 @@ def quantize_main(args: list[str]) -> None:
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     print(format_report(rows, bf16_expert_bytes, perplexities))
-    print(f"wrote {output} ({', '.join(f'{k}={v}' for k, v in config.as_dict().items() if v is not None)}, "
-          f"dense={options.dense})")
+    if plan is not None:
+        described = f"plan={options.plan}"
+    else:
+        options_set = ", ".join(f"{k}={v}" for k, v in config.as_dict().items() if v is not None)
+        described = f"{options_set}, dense={options.dense}"
+    print(f"wrote {output} ({described})")
+
+
+def _plan_or_config(options: argparse.Namespace) -> tuple[ServingPlan | None, QuantizationConfig | None]:
+    """``--plan`` as a loaded plan, or the ``--mode`` options as a config."""
+    if options.plan is not None:
+        format_options = {"--dense": options.dense, "--blocksize": options.blocksize is not None,
+                          "--double-quant": options.double_quant, "--compute-dtype": options.compute_dtype is not None,
+                          "--threshold": options.threshold is not None}
+        given = [flag for flag, value in format_options.items() if value]
+        if given:
+            raise ValueError(f"{given} do not apply with --plan: the plan names each expert's format")
+        return ServingPlan.load(options.plan), None
+    return None, QuantizationConfig(
+        options.mode, blocksize=options.blocksize, double_quant=options.double_quant,
+        compute_dtype=options.compute_dtype, threshold=options.threshold,
+    )
 
 
 def eval_batches(model: MoETransformer, options: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
