@@ -12,6 +12,7 @@ import torch
 
 from moe_lightning.checkpoint.cli_options import add_trusted_key_argument, exit_on_artifact_error
 from moe_lightning.checkpoint.errors import ArtifactError
+from moe_lightning.inference.plan import ServingPlan, apply_plan, count_or_fraction
 from moe_lightning.serving.keys import (
     API_KEYS_ENV, MIN_SUPPLIED_KEY_LENGTH, ApiKeyRecord, RateLimit, add_key, load_api_keys, new_key,
 )
@@ -73,6 +74,8 @@ def serve_main(argv: list[str]) -> None:
                      "which experts to load, which a captured CUDA graph cannot do")
     if options.pin_hot_from is not None and options.offload_capacity is None:
         parser.error("--pin-hot-from pins experts in the expert cache: give --offload-capacity too")
+    if options.plan is not None and options.pin_hot_from is not None:
+        parser.error("--plan and --pin-hot-from both choose the pinned experts: give one")
     try:
         engine = InferenceEngine.from_checkpoint(options.checkpoint, options.config, options.device,
                                                  DTYPES[options.dtype] if options.dtype else None,
@@ -150,15 +153,24 @@ def _serve_grpc(parser: argparse.ArgumentParser, app, options: argparse.Namespac
 
 
 def _run_options(engine, options: argparse.Namespace, settings: ServerSettings):
-    """The decoder and the expert-cache hit-rate reader that ``--cuda-graphs`` and ``--offload-*`` ask for."""
+    """Apply ``--plan``; the decoder and the expert-cache hit-rate reader that ``--cuda-graphs`` and ``--offload-*``
+    ask for."""
     from moe_lightning.inference import CompiledDecoder, hot_experts_from_stats, offload_experts
 
-    decoder = hit_rate = None
+    decoder = hit_rate = pin = None
+    if options.plan is not None:
+        plan = ServingPlan.load(options.plan)
+        if options.offload_capacity is None:
+            apply_plan(engine.model, plan)
+        else:  # the expert cache holds float experts: the plan's pins apply, its formats cannot
+            plan.check_model(engine.model)
+            pin = plan.pins
+            print(f"--plan with --offload-capacity: pinning the plan's experts {plan.pins} in the expert cache; the "
+                  "plan's formats are not applied (the cache holds float experts)", flush=True)
     if options.cuda_graphs:
         buckets = [size for size in (1, 2, 4, 8, 16, 32, 64, 128) if size < settings.max_batch_size]
         decoder = CompiledDecoder(engine.model, cuda_graphs=True, batch_buckets=[*buckets, settings.max_batch_size])
     if options.offload_capacity is not None:
-        pin = None
         if options.pin_hot_from is not None:
             pin = hot_experts_from_stats(options.pin_hot_from, options.pin_hot, model=engine.model)
         offload = offload_experts(engine.model, options.offload_capacity, options.offload_policy, pin=pin,
@@ -169,14 +181,6 @@ def _run_options(engine, options: argparse.Namespace, settings: ServerSettings):
             return stats.hit_rate if stats.total.accesses else None
 
     return decoder, hit_rate
-
-
-def _count_or_fraction(text: str) -> int | float:
-    """``"16"`` is a count of experts, ``"0.25"`` a fraction of them."""
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -206,15 +210,19 @@ def _parser() -> argparse.ArgumentParser:
                         help="write each request's prompts into the audit log too (they may be confidential)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="decode with CompiledDecoder: one CUDA graph per batch-size bucket (needs --device cuda)")
-    parser.add_argument("--offload-capacity", type=_count_or_fraction, default=None,
+    parser.add_argument("--offload-capacity", type=count_or_fraction, default=None,
                         help="keep the experts in host memory behind a device cache of this many experts per layer "
                              "(an int, or a fraction of the layer's experts below 1)")
     parser.add_argument("--offload-policy", choices=["lru", "lfu"], default="lru", help="expert cache eviction")
     parser.add_argument("--pin-hot-from", default=None,
                         help="a training run's router_stats.jsonl: pin each layer's hottest experts in the cache")
-    parser.add_argument("--pin-hot", type=_count_or_fraction, default=0.125,
+    parser.add_argument("--pin-hot", type=count_or_fraction, default=0.125,
                         help="how many hot experts to pin per layer: a count, or a fraction of the experts below 1")
     parser.add_argument("--prefetch", action="store_true", help="prefetch the next layer's predicted experts")
+    parser.add_argument("--plan", default=None,
+                        help="a serving plan (moe-lightning plan) for this float checkpoint: its experts are quantised "
+                             "to the plan's formats as they load; with --offload-capacity the experts stay float in "
+                             "the expert cache and the plan's pinned experts are pinned there instead")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     for name in _LIMITS:
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(_DEFAULTS[name]), default=_DEFAULTS[name],

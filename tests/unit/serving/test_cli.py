@@ -72,6 +72,65 @@ def test_offloaded_experts_with_hot_experts_pinned_serve_and_report_their_hit_ra
     assert "moe_lightning_expert_cache_hit_rate NaN" not in metrics
 
 
+@pytest.fixture
+def plan(tmp_path):
+    """A plan for the tiny model from statistics where expert 2 took most rows, then expert 0; expert 2 pinned."""
+    pytest.importorskip("bitsandbytes")
+    from moe_lightning.inference.plan_allocation import propose_plan
+
+    stats = tmp_path / "router_stats.jsonl"
+    stats.write_text(json.dumps({"step": 10, "layers": [{"layer": 0, "load": [20.0, 1.0, 70.0, 9.0]}]}))
+    path = tmp_path / "plan.json"
+    propose_plan(tiny_model(), stats, "int8", formats=["bf16", "int8", "nf4"], pin=1).save(path)
+    return path
+
+
+def test_a_plan_quantises_the_experts_as_they_load(checkpoint, plan, monkeypatch):
+    from moe_lightning.inference.plan import ServingPlan
+    from moe_lightning.inference.quantization import MixedPrecisionExperts
+
+    monkeypatch.setenv("MOE_LIGHTNING_API_KEYS", "k")
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(app))
+    serve_main(["--checkpoint", str(checkpoint), "--plan", str(plan)])
+    (layer,) = served[0].state.service.batcher.model.moe_layers
+    assert isinstance(layer.experts, MixedPrecisionExperts)
+    assert layer.experts.expert_formats == ServingPlan.load(plan).expert_formats[0]
+    assert layer.experts.expert_formats[2] == "bf16"
+    with TestClient(served[0]) as client:
+        response = client.post("/v1/generate", json={"prompts": [[1, 2, 3]], "max_new_tokens": 3},
+                               headers={"Authorization": "Bearer k"})
+    assert len(response.json()["outputs"][0]["tokens"]) == 3
+
+
+def test_a_plan_pins_its_experts_in_the_expert_cache(checkpoint, plan, monkeypatch, capsys):
+    monkeypatch.setenv("MOE_LIGHTNING_API_KEYS", "k")
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(app))
+    serve_main(["--checkpoint", str(checkpoint), "--plan", str(plan), "--offload-capacity", "2"])
+    (layer,) = served[0].state.service.batcher.model.moe_layers
+    assert isinstance(layer.experts, CachedExperts) and layer.experts.cache.pinned == (2,)
+    assert "the plan's formats are not applied" in capsys.readouterr().out
+
+
+def test_a_bad_plan_is_named(checkpoint, plan, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MOE_LIGHTNING_API_KEYS", "k")
+    other = tmp_path / "other.safetensors"
+    export_safetensors(tiny_model(num_experts=8), other)
+    for argv, message in (
+        (["--plan", str(plan), "--offload-capacity", "2", "--pin-hot-from", "stats.jsonl"],
+         "--plan and --pin-hot-from both choose the pinned experts"),
+        (["--plan", str(tmp_path / "missing.json")], "no serving plan at"),
+        (["--plan", str(plan), "--offload-capacity", "1"], "1 pinned experts [2] leave no slot"),
+    ):
+        with pytest.raises(SystemExit):
+            serve_main(["--checkpoint", str(checkpoint), *argv])
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        serve_main(["--checkpoint", str(other), "--plan", str(plan)])
+    assert "(plan, model) {'num_experts': (4, 8)}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [(["--port", "0"], "--port must be in 1..65535"), (["--max-batch-size", "0"], "max_batch_size must be >= 1"),
