@@ -34,7 +34,8 @@ class CompiledDecoder:
         model: the model, in eval mode, with per-token routing and weights already on their device and dtype.
         compile: ``torch.compile`` the decode step (fullgraph). Off by default: the CUDA graph already removes the
             launch overhead that dominates a decode step (benchmarks/RESULTS.md), while compiling costs minutes per
-            bucket for a large model and rounds bf16 differently from the eager model.
+            bucket for a large model and rounds bf16 differently from the eager model, which moves a few routing
+            choices (tests/gpu/test_train_serve_routing_cuda.py counts them).
         cuda_graphs: capture each bucket's step as a CUDA graph. Default: on CUDA; refused elsewhere.
         max_len: cache slots per row (prompt + new tokens); default ``model.config.max_seq_len``.
         batch_buckets: a batch of B rows runs in the smallest bucket >= B (padding rows are masked out), so one

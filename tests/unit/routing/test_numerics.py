@@ -153,7 +153,8 @@ def test_yaml_configures_the_numerics():
 
     parser = ArgumentParser()
     parser.add_class_arguments(TopKRouter, "router")
-    config = parser.parse_string("router: {dim: 16, num_experts: 8, numerics: {dtype: bfloat16, half_input_gemm: false}}")
+    yaml = "router: {dim: 16, num_experts: 8, numerics: {dtype: bfloat16, half_input_gemm: false}}"
+    config = parser.parse_string(yaml)
     router = parser.instantiate(config).router
     assert router.numerics == RouterNumerics(dtype="bfloat16", half_input_gemm=False)
 
