@@ -124,12 +124,17 @@ class MoELightningModule(LightningModule):
         return terms
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """AdamW groups: routers may get their own learning rate; only matrices are weight-decayed."""
+        """AdamW groups: routers may get their own learning rate; only matrices are weight-decayed.
+
+        Expert parameters marked the DeepSpeed-MoE way (``allreduce=False`` and a ``group_name``, as the DeepSpeed
+        plugin's strategy marks them before the optimizer is built) get groups of their own: DeepSpeed's ZeRO
+        partitions them over another process group than the dense parameters. Unmarked, nothing changes."""
         router_params = {id(p) for m in self.modules() if isinstance(m, Router) for p in m.parameters()}
-        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        groups: dict[tuple[bool, bool, str | None], list[nn.Parameter]] = {}
         for param in self.parameters():
             if param.requires_grad:
-                groups.setdefault((id(param) in router_params, param.dim() >= 2), []).append(param)
+                expert_group = None if getattr(param, "allreduce", True) else param.group_name
+                groups.setdefault((id(param) in router_params, param.dim() >= 2, expert_group), []).append(param)
         router_lr = self.hparams.router_lr or self.hparams.lr
         return [
             {
@@ -137,7 +142,7 @@ class MoELightningModule(LightningModule):
                 "lr": router_lr if is_router else self.hparams.lr,
                 "weight_decay": self.hparams.weight_decay if decays else 0.0,
             }
-            for (is_router, decays), params in groups.items()
+            for (is_router, decays, _), params in groups.items()
         ]
 
     # ----------------------------------------------------------------- Lightning hooks

@@ -63,8 +63,8 @@ from moe_lightning.strategies.clipping import clip_grad_norm_over_experts
 from moe_lightning.strategies.dense import (
     DenseParallel, check_dense_parallel, shard_dense, step_mixed_groups_per_tensor,
 )
-from moe_lightning.strategies.replicas import GradientReducer, broadcast_module_states
-from moe_lightning.strategies.sharding import check_same_layout, holds_local_experts, shard_experts
+from moe_lightning.strategies.replicas import GradientReducer
+from moe_lightning.strategies.sharding import place_experts
 
 Size = int | Literal["auto"]
 
@@ -240,16 +240,7 @@ class ExpertParallelStrategy(ParallelStrategy):
     def _parallelize(self) -> None:
         module = self.lightning_module
         assert module is not None
-        check_same_layout(module)
-        if holds_local_experts(module):
-            # Materialised per rank: dense tensors from rank 0, each slice of experts from its first replica.
-            self._expert_names = shard_experts(module, self.device_mesh["expert_parallel"].get_group())
-            experts = set(self._expert_names)
-            broadcast_module_states(module, skip=experts)
-            broadcast_module_states(module, only=experts, group=self.device_mesh["data_parallel"].get_group())
-        else:
-            broadcast_module_states(module)
-            self._expert_names = shard_experts(module, self.device_mesh["expert_parallel"].get_group())
+        self._expert_names = place_experts(module, self.device_mesh)
         fully_shard = self._dense_parallel == "fully_shard"
         if fully_shard:
             assert self._dense_mesh is not None

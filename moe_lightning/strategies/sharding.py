@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from moe_lightning.dispatch.all_to_all import AllToAllDispatcher
 from moe_lightning.experts.grouped import GroupedExperts
 from moe_lightning.layer import MoELayer
+from moe_lightning.strategies.replicas import broadcast_module_states
 
 
 def moe_layers(module: nn.Module) -> list[tuple[str, MoELayer]]:
@@ -37,6 +39,23 @@ def check_same_layout(module: nn.Module) -> None:
 def holds_local_experts(module: nn.Module) -> bool:
     """Whether some MoE layer already holds fewer experts than it routes to (this rank's slice)."""
     return any(getattr(layer.experts, "num_experts", layer.num_experts) < layer.num_experts for _, layer in moe_layers(module))
+
+
+def place_experts(module: nn.Module, mesh: DeviceMesh) -> list[str]:
+    """Shard the experts over ``mesh["expert_parallel"]`` (:func:`shard_experts`) and make the replicas equal: dense
+    tensors from global rank 0, each slice of experts from the first rank of its ``data_parallel`` group.
+
+    A model materialised per rank (each rank already holds only its slice) broadcasts the slices; a whole model is
+    broadcast whole first, so every rank slices the same experts. Returns the expert parameter names.
+    """
+    check_same_layout(module)
+    if not holds_local_experts(module):
+        broadcast_module_states(module)
+        return shard_experts(module, mesh["expert_parallel"].get_group())
+    names = shard_experts(module, mesh["expert_parallel"].get_group())
+    broadcast_module_states(module, skip=set(names))
+    broadcast_module_states(module, only=set(names), group=mesh["data_parallel"].get_group())
+    return names
 
 
 def shard_experts(module: nn.Module, ep_group: dist.ProcessGroup) -> list[str]:
