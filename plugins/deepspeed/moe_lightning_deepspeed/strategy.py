@@ -1,0 +1,182 @@
+"""DeepSpeedExpertParallelStrategy: DeepSpeed's engine (ZeRO for the dense parameters) with moe_lightning's expert
+parallelism (experts sharded over an expert-parallel group, tokens exchanged by all-to-all).
+
+The W ranks form the same ``(data_parallel, expert_parallel)`` mesh as
+:class:`~moe_lightning.strategies.ExpertParallelStrategy`, and the experts are placed by the same function
+(:func:`~moe_lightning.strategies.sharding.place_experts`): each MoE layer keeps its slice and gets an
+``AllToAllDispatcher``. The expert parameters are then marked as DeepSpeed-MoE marks its own (``allreduce=False``,
+``group_name="ep_size_P"``), so DeepSpeed's engine handles them as it handles DeepSpeed-MoE experts:
+
+- ZeRO stage 1 and 2: the dense parameters' optimizer state (and, at stage 2, gradients) are partitioned over all W
+  ranks, the experts' over their W / P data-parallel replicas; expert gradients are summed over those replicas and
+  divided by W, which is the one-process gradient (see :mod:`moe_lightning.strategies.replicas`).
+- ZeRO stage 3 also partitions the dense parameters themselves; DeepSpeed supports that only for experts of its own
+  AutoEP layers, so stage 3 runs with ``expert_parallel_size=1`` (experts replicated, partitioned like the rest).
+
+Only the name of the backend differs from the native strategy; the model, routers, dispatch and configs are the same.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Generator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.nn import Module
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from moe_lightning.strategies.expert_parallel import Size, resolve_parallel_sizes
+from moe_lightning.strategies.sharding import place_experts
+
+STAGES = (1, 2, 3)
+
+
+class DeepSpeedExpertParallelStrategy(DeepSpeedStrategy):
+    """DeepSpeed ZeRO for dense parameters, moe_lightning expert parallelism for the experts; CUDA or CPU.
+
+    Use ``Trainer(strategy="deepspeed_moe")`` (ZeRO-2; ``deepspeed_moe_stage_1`` / ``_2`` / ``_3`` name the stage),
+    YAML ``strategy: deepspeed_moe``, or an instance. On CPUs DeepSpeed must run its CPU accelerator (it picks it
+    where there is no GPU; ``DS_ACCELERATOR=cpu`` forces it), with gloo.
+
+    Args:
+        stage: the ZeRO stage, 1, 2 or 3; ``None``: the config's ``zero_optimization.stage``, else 2.
+        expert_parallel_size: P, the ranks sharing one copy of the experts; ``"auto"``: the world size (1 at stage 3).
+        config: a DeepSpeed config (dict or JSON path); ``None``: Lightning's default for ``stage``. It must not set
+            ``expert_parallel`` (DeepSpeed's AutoEP, which would replace our MoE layers) nor a stage other than ``stage``.
+        kwargs: the other arguments of Lightning's ``DeepSpeedStrategy``.
+    """
+
+    strategy_name = "deepspeed_moe"
+
+    def __init__(
+        self, stage: int | None = None, expert_parallel_size: Size = "auto",
+        config: str | Path | dict[str, Any] | None = None, **kwargs: Any,
+    ) -> None:
+        if stage is not None and stage not in STAGES:
+            raise ValueError(f"stage must be one of the ZeRO stages {STAGES}, got stage={stage!r}")
+        if expert_parallel_size != "auto" and not (isinstance(expert_parallel_size, int) and expert_parallel_size >= 1):
+            raise ValueError(f"expert_parallel_size must be 'auto' or an int >= 1, got {expert_parallel_size=}")
+        super().__init__(stage=2 if stage is None else stage, config=config, **kwargs)
+        zero = self.config.setdefault("zero_optimization", {"stage": 2 if stage is None else stage})
+        configured = zero.get("stage", 0)
+        if stage is not None and configured != stage:
+            raise ValueError(
+                f"the DeepSpeed config's zero_optimization.stage={configured} conflicts with stage={stage}: give one"
+            )
+        if configured not in STAGES:
+            raise ValueError(f"zero_optimization.stage must be one of {STAGES}, got stage={configured!r}")
+        if configured == 3 and expert_parallel_size not in ("auto", 1):
+            raise ValueError(
+                f"ZeRO stage 3 runs with expert_parallel_size=1 (DeepSpeed partitions only its own AutoEP experts at "
+                f"stage 3), got expert_parallel_size={expert_parallel_size}; use stage 1 or 2 to shard the experts"
+            )
+        if "expert_parallel" in self.config:
+            raise ValueError(
+                f"the DeepSpeed config sets expert_parallel={self.config['expert_parallel']!r} (DeepSpeed's AutoEP, "
+                "which replaces MoE layers with its own); this strategy shards moe_lightning's experts itself: "
+                f"remove it and pass expert_parallel_size (got {expert_parallel_size!r})"
+            )
+        # Our optimizers (configure_optimizers) are DeepSpeed's "untested" client optimizers.
+        self.config.setdefault("zero_allow_untested_optimizer", True)
+        self.stage = configured
+        self._expert_parallel_size = 1 if configured == 3 else expert_parallel_size
+        self._device_mesh: DeviceMesh | None = None
+        self._expert_group: str | None = None
+
+    @property
+    def device_mesh(self) -> DeviceMesh:
+        if self._device_mesh is None:
+            raise RuntimeError("the device mesh exists only after the processes have started (setup_environment)")
+        return self._device_mesh
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    # ----------------------------------------------------------------- processes
+    @override
+    def setup_environment(self) -> None:
+        check_deepspeed_accelerator(self.root_device)
+        # Lightning's DeepSpeedStrategy refuses anything but CUDA here; its engine runs on the CPU accelerator too.
+        DDPStrategy.setup_environment(self)
+        dp, ep = resolve_parallel_sizes(self._expert_parallel_size, "auto", self.world_size)
+        self._device_mesh = init_device_mesh(
+            self.root_device.type, (dp, ep), mesh_dim_names=("data_parallel", "expert_parallel")
+        )
+        assert self.lightning_module is not None
+        self.lightning_module._device_mesh = self._device_mesh  # configure_model materialises this rank's experts
+
+    @override
+    def setup_distributed(self) -> None:
+        if self.root_device.type == "cuda":
+            super().setup_distributed()
+            return
+        # As DeepSpeedStrategy, without its check of CUDA device indices (CPU devices have none).
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    @contextmanager
+    @override
+    def model_sharded_context(self) -> Generator[None, None, None]:
+        # No zero.Init: each rank builds its dense part whole (and only its experts, with meta_init or pretrained);
+        # the engine partitions it when it starts.
+        yield
+
+    # ----------------------------------------------------------------- model and engine
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        if trainer.gradient_clip_val and self.device_mesh["expert_parallel"].size() > 1:
+            # DeepSpeed's ZeRO takes each rank's norm over its own experts only, so ranks would clip differently.
+            raise ValueError(
+                f"gradient clipping needs expert_parallel_size=1 with DeepSpeed (its norm leaves out the other "
+                f"ranks' experts), got gradient_clip_val={trainer.gradient_clip_val} and expert_parallel_size="
+                f"{self.device_mesh['expert_parallel'].size()}"
+            )
+        assert self.model is not None
+        self.model.to(self.root_device)
+        names = place_experts(self.model, self.device_mesh)
+        if names and self.stage < 3:
+            from moe_lightning_deepspeed.engine import create_expert_groups, mark_expert_parameters
+
+            self._expert_group = create_expert_groups(self.device_mesh)
+            mark_expert_parameters(self.model, names, self._expert_group)
+        if self.stage == 3:
+            from moe_lightning_deepspeed.engine import register_router_parameters
+
+            register_router_parameters(self.model)
+        super().setup(trainer)
+
+    @override
+    def _setup_model_and_optimizer(
+        self, model: Module, optimizer: Optimizer | None, lr_scheduler: Any = None,
+    ) -> tuple[Any, Optimizer]:
+        from moe_lightning_deepspeed.engine import initialize_engine, tag_expert_param_groups
+
+        if optimizer is not None and self._expert_group is not None:
+            tag_expert_param_groups(optimizer)
+        engine = initialize_engine(model, optimizer, lr_scheduler, self.config, experts=self._expert_group is not None)
+        return engine, engine.optimizer
+
+
+def check_deepspeed_accelerator(device: torch.device) -> None:
+    """DeepSpeed picks its accelerator once, at import; it must be the Trainer's device type."""
+    os.environ.setdefault("DS_ACCELERATOR", device.type)  # read only if deepspeed is not imported yet
+    from deepspeed.accelerator import get_accelerator
+
+    name = get_accelerator().device_name()
+    if name != device.type:
+        raise ValueError(
+            f"DeepSpeed runs on its {name!r} accelerator but the Trainer's device is {device}: set "
+            f"DS_ACCELERATOR={device.type} before deepspeed is imported"
+        )
