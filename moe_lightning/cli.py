@@ -7,7 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch import LightningDataModule, Trainer
@@ -23,6 +23,9 @@ from moe_lightning.callbacks.crash_safe_checkpoint import CrashSafeCheckpoint
 from moe_lightning.checkpoint.cli_options import add_trusted_key_argument, exit_on_artifact_error
 from moe_lightning.checkpoint.errors import ArtifactError
 from moe_lightning.module import MoELightningModule, unpack_output
+
+if TYPE_CHECKING:
+    from moe_lightning.inference.plan import ServingPlan
 
 DEBUG_ENV = "MOE_LIGHTNING_DEBUG"
 DEBUG_HELP = (
@@ -359,13 +362,13 @@ def plan_main(args: list[str]) -> None:
         plan.save(options.output)
     except ArtifactError as error:
         exit_on_artifact_error(parser, error)
-    except (ValueError, TypeError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as error:  # bitsandbytes measures the errors
         parser.error(str(error))
     print_plan(plan)
     print(f"wrote {options.output}")
 
 
-def print_plan(plan: Any) -> None:
+def print_plan(plan: ServingPlan) -> None:
     """Per MoE layer: how many experts each format got, the pinned experts, the bytes; then the total."""
     names = list(dict.fromkeys(f for formats in plan.expert_formats for f in formats))
     table = Table("layer", *names, "pinned", "MiB", title="serving plan")

@@ -10,10 +10,11 @@ cost is that sum over layers. The allocation minimises it within the budget, gre
    candidate format that makes the layer smallest (a format's code tables count once per layer, so no mix is
    smaller). If that already exceeds the budget, the plan is impossible (a ``ValueError`` naming the budget, the
    pinned bytes and the minimum).
-2. Repeatedly, among all moves of one unpinned expert to a format with fewer errors, take the one with the largest
-   gain per extra byte, ``s_e * (|dW_e,now|^2 - |dW_e,f|^2) / (bytes_f - bytes_now)``, if it still fits the budget
-   (a move that does not fit is dropped; smaller ones may still fit). Stop when none is left. Experts no row reached
-   gain nothing and stay in the smallest format.
+2. Repeatedly, among all moves of one unpinned expert to a format with a smaller error, take the one with the
+   largest gain per extra byte, ``s_e * (|dW_e,now|^2 - |dW_e,f|^2) / (bytes_f - bytes_now)`` (an expert's bytes),
+   if the plan's exact bytes (code tables included) still fit the budget; a move that does not fit is dropped,
+   smaller ones may still fit. Stop when none is left. Experts no row reached gain nothing and stay where they
+   started.
 
 Bytes and errors are measured, not estimated: the bytes of a format are those of the real stored layout
 (:class:`MixedPrecisionExperts` built on the meta device, code tables included, counted once per format and layer),
@@ -90,9 +91,11 @@ def propose_plan(
     if any(pinned_L) and FLOAT_FORMAT not in formats:
         raise ValueError(f"pinned experts are kept in {FLOAT_FORMAT}: add {FLOAT_FORMAT!r} to formats={formats}, or "
                          f"pin none")
-    costs_L = [format_costs(layer.experts, formats) for layer in layers]
-    errors_LE = [expert_errors(layer.experts, formats) for layer in layers]
     budget_bytes = resolve_budget(budget, [layer.experts for layer in layers])
+    costs_L = [format_costs(layer.experts, formats) for layer in layers]
+    # A budget too small fails here, before any expert is quantised.
+    smallest_plan(costs_L, formats, [len(load_E) for load_E in load_LE], pinned_L, budget_bytes)
+    errors_LE = [expert_errors(layer.experts, formats) for layer in layers]
     chosen_LE = allocate(shares_LE, errors_LE, costs_L, pinned_L, budget_bytes)
     plan_layers = tuple(
         LayerPlan(
@@ -117,22 +120,13 @@ def allocate(
 
     Args:
         shares_LE: each expert's share of its layer's routed rows.
-        errors_LE: each expert's error (squared Frobenius) in each candidate format.
+        errors_LE: each expert's error (squared Frobenius) in each candidate format (in the same order for all).
         costs_L: each layer's bytes of each candidate format (and of bf16 where experts are pinned).
         pinned_L: the experts kept in bf16 in each layer.
         budget: the most bytes all layers may take.
     """
-    chosen_LE = [_smallest_layer(shares_E, errors_E, costs, pinned)
-                 for shares_E, errors_E, costs, pinned in zip(shares_LE, errors_LE, costs_L, pinned_L)]
-    total = sum(layer_bytes(costs, chosen_E) for costs, chosen_E in zip(costs_L, chosen_LE))
-    if total > budget:
-        pinned_bytes = sum(layer_bytes(costs, [FLOAT_FORMAT] * len(pinned)) for pinned, costs in zip(pinned_L, costs_L))
-        raise ValueError(
-            f"budget={budget} bytes ({_mib(budget)}) is below the smallest plan, {total} bytes ({_mib(total)}): the "
-            f"{sum(map(len, pinned_L))} pinned experts take {pinned_bytes} bytes in {FLOAT_FORMAT}, the others in the "
-            f"format that makes their layer smallest the rest; raise the budget, pin fewer experts or add a smaller "
-            f"format"
-        )
+    formats = list(errors_LE[0][0])
+    chosen_LE, total = smallest_plan(costs_L, formats, [len(errors_E) for errors_E in errors_LE], pinned_L, budget)
     version_LE = [[0] * len(chosen_E) for chosen_E in chosen_LE]
     moves: list[tuple[float, int, int, str, int]] = []
 
@@ -162,17 +156,26 @@ def allocate(
     return chosen_LE
 
 
-def _smallest_layer(
-    shares_E: Sequence[float], errors_E: Sequence[dict[str, float]], costs: dict[str, FormatCost], pinned: Sequence[int]
-) -> list[str]:
-    """Pinned experts in bf16, the others in the one format that makes the layer smallest (ties: the least error)."""
-    unpinned = [e for e in range(len(errors_E)) if e not in pinned]
-
-    def size_then_error(f: str) -> tuple[int, float]:
-        return layer_bytes(costs, [f] * len(unpinned)), sum(shares_E[e] * errors_E[e][f] for e in unpinned)
-
-    start = min(errors_E[0], key=size_then_error)
-    return [FLOAT_FORMAT if e in pinned else start for e in range(len(errors_E))]
+def smallest_plan(
+    costs_L: Sequence[dict[str, FormatCost]], formats: Sequence[str], num_experts_L: Sequence[int],
+    pinned_L: Sequence[Sequence[int]], budget: int,
+) -> tuple[list[list[str]], int]:
+    """The allocation's start and its bytes: per layer the pinned experts in bf16, the others in the one candidate
+    format that makes the layer smallest (ties: the first in ``formats``). ``ValueError`` if it exceeds ``budget``."""
+    chosen_LE = []
+    for costs, num_experts, pinned in zip(costs_L, num_experts_L, pinned_L):
+        start = min(formats, key=lambda f: layer_bytes(costs, [f] * (num_experts - len(pinned))))
+        chosen_LE.append([FLOAT_FORMAT if e in pinned else start for e in range(num_experts)])
+    total = sum(layer_bytes(costs, chosen_E) for costs, chosen_E in zip(costs_L, chosen_LE))
+    if total > budget:
+        pinned_bytes = sum(layer_bytes(costs, [FLOAT_FORMAT] * len(pinned)) for pinned, costs in zip(pinned_L, costs_L))
+        raise ValueError(
+            f"budget={budget} bytes ({_mib(budget)}) is below the smallest plan, {total} bytes ({_mib(total)}): the "
+            f"{sum(map(len, pinned_L))} pinned experts take {pinned_bytes} bytes in {FLOAT_FORMAT}, the others in the "
+            f"format that makes their layer smallest the rest; raise the budget, pin fewer experts or add a smaller "
+            f"format"
+        )
+    return chosen_LE, total
 
 
 def layer_bytes(costs: dict[str, FormatCost], expert_formats: Sequence[str]) -> int:

@@ -114,6 +114,8 @@ def test_a_plan_pins_its_experts_in_the_expert_cache(checkpoint, plan, monkeypat
 
 
 def test_a_bad_plan_is_named(checkpoint, plan, tmp_path, monkeypatch, capsys):
+    from moe_lightning.inference.quantization import quantize_model, save_quantized
+
     monkeypatch.setenv("MOE_LIGHTNING_API_KEYS", "k")
     other = tmp_path / "other.safetensors"
     export_safetensors(tiny_model(num_experts=8), other)
@@ -129,6 +131,11 @@ def test_a_bad_plan_is_named(checkpoint, plan, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         serve_main(["--checkpoint", str(other), "--plan", str(plan)])
     assert "(plan, model) {'num_experts': (4, 8)}" in capsys.readouterr().err
+    quantized = tmp_path / "nf4.safetensors"
+    save_quantized(quantize_model(tiny_model(), "nf4"), quantized)
+    with pytest.raises(SystemExit):
+        serve_main(["--checkpoint", str(quantized), "--plan", str(plan)])
+    assert "blocks.1.ffn.experts is already quantised (QuantizedExperts)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
