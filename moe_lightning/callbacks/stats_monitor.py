@@ -18,16 +18,14 @@ from moe_lightning.analytics import (
     BF16_TIE_MARGIN,
     LayerRoutingStats,
     RoutingCounts,
-    churn_counts,
     expert_seconds,
     layer_statistics,
     recorded_expert_inputs,
     time_share,
-    top1_expert,
 )
+from moe_lightning.callbacks.routing_window import ChurnProbe, CountsWindow
 from moe_lightning.callbacks.sampling import StepSampler, batch_labels, step_routings
 from moe_lightning.layer import MoELayer
-from moe_lightning.module import unpack_output
 
 HEATMAP_CELL_PIXELS = 8
 
@@ -99,9 +97,8 @@ class RouterStatsMonitor(Callback):
         self._time_share: list[list[float]] | None = None
         self.label_names: list[str] | None = None
         self.stats_path: str | None = None
-        self._counts: RoutingCounts | None = None
-        self._probe_ids: Tensor | None = None
-        self._probe_top1: list[Tensor] | None = None
+        self._window = CountsWindow(num_labels or 0, near_tie_threshold)
+        self._probe = ChurnProbe(probe_size)
 
     @property
     @override
@@ -114,6 +111,7 @@ class RouterStatsMonitor(Callback):
         if self.num_labels is None and names:
             self.num_labels = len(names)
         self.label_names = list(names) if names and len(names) == self.num_labels else None
+        self._window.num_labels = self.num_labels or 0
         log_dir = trainer.log_dir  # a collective: every rank asks
         if self.stats_path is None and self.stats_filename is not None and log_dir is not None:
             self.stats_path = str(Path(log_dir) / self.stats_filename)
@@ -125,26 +123,15 @@ class RouterStatsMonitor(Callback):
         step = trainer.global_step
         if not self._sampler.sample(step):
             return
-        routings = step_routings(outputs)
-        counts = self._counts_on(routings)
-        counts.add_routings(routings, self._labels(batch), self.near_tie_threshold)
+        counts = self._window.add(step_routings(outputs), self._labels(batch))
         if not self._sampler.is_boundary(step):
             return
         if self.probe_size:
             self._measure_churn(pl_module, batch, counts)
-        reduced = counts.reduced(lambda flat: trainer.strategy.reduce(flat, reduce_op="sum"))
-        self._counts = None
+        reduced = self._window.take_reduced(trainer.strategy)
         stats = layer_statistics(reduced, self.dead_threshold)
         if trainer.is_global_zero:
             self._report(trainer, step, stats, reduced)
-
-    def _counts_on(self, routings: list) -> RoutingCounts:
-        device = routings[0].tokens_per_expert_E.device
-        if self._counts is None:
-            self._counts = RoutingCounts.zeros(len(routings), routings[0].num_experts, self.num_labels or 0, device)
-        elif self._counts.load_LE.device != device:  # restored from a checkpoint on the CPU
-            self._counts = self._counts.to(device)
-        return self._counts
 
     def _labels(self, batch: Any) -> Tensor | None:
         labels = batch_labels(batch, self.label_key)
@@ -154,25 +141,15 @@ class RouterStatsMonitor(Callback):
             return None
         return labels
 
-    @torch.no_grad()
     def _measure_churn(self, pl_module: LightningModule, batch: Any, counts: RoutingCounts) -> None:
-        if self._probe_ids is None:
-            self._probe_ids = batch["input_ids"][: self.probe_size].clone()
-        was_training = pl_module.training
-        pl_module.eval()
         recorder = recorded_expert_inputs(pl_module) if self.time_experts else contextlib.nullcontext()
         with recorder as expert_inputs:
-            _, routings = unpack_output(pl_module({"input_ids": self._probe_ids.to(pl_module.device)}))
+            routings = self._probe.route(pl_module, batch)
         if self.time_experts:
             experts = [module.experts for module in pl_module.modules() if isinstance(module, MoELayer)]
             self._time_share = [time_share(expert_seconds(e, *inputs)).tolist()
                                 for e, inputs in zip(experts, expert_inputs) if inputs is not None]
-        pl_module.train(was_training)
-        top1 = [top1_expert(routing) for routing in routings]
-        if self._probe_top1 is not None:
-            for layer, (previous, current) in enumerate(zip(self._probe_top1, top1)):
-                counts.add_churn(layer, *churn_counts(previous.to(current.device), current))
-        self._probe_top1 = top1
+        self._probe.add_churn(routings, counts)
 
     def _report(self, trainer: Trainer, step: int, stats: list[LayerRoutingStats], counts: RoutingCounts) -> None:
         metrics = {f"router/layer{s.layer}/{name}": value for s in stats for name, value in s.scalars().items()}
@@ -214,17 +191,10 @@ class RouterStatsMonitor(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "counts": None if self._counts is None else self._counts.state_dict(),
-            "probe_ids": None if self._probe_ids is None else self._probe_ids.cpu(),
-            "probe_top1": None if self._probe_top1 is None else [t.cpu() for t in self._probe_top1],
-            "stats_path": self.stats_path,
-        }
+        return {**self._window.state_dict(), **self._probe.state_dict(), "stats_path": self.stats_path}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        counts = state_dict["counts"]
-        self._counts = None if counts is None else RoutingCounts.from_state_dict(counts)
-        self._probe_ids = state_dict["probe_ids"]
-        self._probe_top1 = state_dict["probe_top1"]
+        self._window.load_state_dict(state_dict)
+        self._probe.load_state_dict(state_dict)
         self.stats_path = state_dict["stats_path"]
