@@ -4,7 +4,8 @@
 const SVG_NS = "http://www.w3.org/2000/svg";
 const VIRIDIS = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
 // matrices: the last answer of /api/layers/{layer}/matrices and the key it answers; resets counts restarted files.
-const state = { records: [], layer: 0, resets: 0, matrices: null, fetching: false };
+// alarms: what RoutingAlarms fired (alarms.jsonl), in order.
+const state = { records: [], alarms: [], layer: 0, resets: 0, matrices: null, fetching: false };
 const $ = (id) => document.getElementById(id);
 
 function el(parent, tag, attrs, text) {
@@ -220,9 +221,30 @@ function drawMatrices(m) {
     (view, r, c, v) => `layer ${layer} expert ${r} to layer ${next} expert ${c}: ${fmt(v)} (${of(view, r, c)})`, m);
 }
 
+// The fired alarms, newest first; the chosen layer's rows stand out, a row shows its message on hover and a click
+// chooses its layer.
+function drawAlarms() {
+  const table = $("alarms"), alarms = state.alarms;
+  $("alarms-title").textContent = alarms.length ? `Alarms: ${alarms.length} fired` : "Alarms";
+  table.hidden = !alarms.length;
+  table.nextElementSibling.hidden = alarms.length > 0;
+  table.tBodies[0].replaceChildren(...alarms.slice().reverse().map((alarm) => {
+    const row = document.createElement("tr");
+    row.classList.toggle("current", alarm.layer === state.layer);
+    Object.assign(row.dataset, { step: alarm.step, layer: alarm.layer, metric: alarm.metric, tip: alarm.message });
+    const experts = alarm.experts.length ? alarm.experts.join(", ") : "-";
+    for (const value of [alarm.step, alarm.layer, alarm.metric, fmt(alarm.value), alarm.threshold, alarm.action, experts]) {
+      row.appendChild(document.createElement("td")).textContent = String(value);
+    }
+    row.addEventListener("click", () => selectLayer(alarm.layer));
+    return row;
+  }));
+}
+
 function selectLayer(layer) {
   state.layer = layer;
   $("layer").value = String(layer);
+  drawAlarms();
   render();
 }
 
@@ -239,6 +261,8 @@ function receive(message) {
     state.records = [];
     state.resets += 1;
   }
+  if (message.alarms_reset) state.alarms = [];
+  state.alarms.push(...message.alarms);
   state.records.push(...message.records);
   const last = Math.max(state.records.length - 1, 0);
   from.max = to.max = String(last);
@@ -250,6 +274,7 @@ function receive(message) {
     state.layer = Math.min(state.layer, Math.max(numLayers - 1, 0));
     $("layer").value = String(state.layer);
   }
+  drawAlarms();
   if (!state.records.length) {
     setStatus(`waiting for router_stats.jsonl under ${message.run_dir} (train with RouterStatsMonitor)`);
     return;

@@ -72,9 +72,40 @@ def test_websocket_sends_what_exists_then_pushes_appended_records(client, stats_
 
 def test_websocket_waits_for_a_file_that_does_not_exist_yet(client, tmp_path, stats_lines):
     with client.websocket_connect("/ws") as socket:
-        assert socket.receive_json() == {"reset": True, "run_dir": str(tmp_path), "stats_file": None, "records": []}
+        assert socket.receive_json() == {"reset": True, "run_dir": str(tmp_path), "stats_file": None, "records": [],
+                                         "alarms_reset": True, "alarms_file": None, "alarms": []}
         (tmp_path / "router_stats.jsonl").write_text(stats_lines[0])
         assert [r["step"] for r in socket.receive_json()["records"]] == [1]
+
+
+def test_alarms_are_listed_and_their_steps_chosen(client, stats_file, alarm_lines):
+    (stats_file.parent / "alarms.jsonl").write_text("".join(alarm_lines))
+    status = client.get("/api/status").json()
+    assert status["alarms"] == 4 and status["alarms_file"] == str(stats_file.parent / "alarms.jsonl")
+    alarms = client.get("/api/alarms").json()
+    assert [(a["step"], a["layer"], a["metric"], a["action"]) for a in alarms] == [
+        (2, 0, "load_entropy", "warn"), (2, 1, "load_entropy", "warn"),
+        (4, 0, "load_entropy", "warn"), (4, 1, "load_entropy", "warn"),
+    ]
+    assert alarms[0]["message"].startswith("routing alarm at step 2, MoE layer 0: load_entropy=")
+    assert [a["step"] for a in client.get("/api/alarms", params={"start": 3}).json()] == [4, 4]
+    response = client.get("/api/alarms", params={"start": 4, "end": 2})
+    assert response.status_code == 400 and "start=4 > end=2" in response.json()["detail"]
+
+
+def test_websocket_pushes_alarms_as_they_fire(client, stats_file, stats_lines, alarm_lines):
+    stats_file.write_text("".join(stats_lines))
+    alarms_file = stats_file.parent / "alarms.jsonl"
+    alarms_file.write_text("".join(alarm_lines[:2]))
+    with client.websocket_connect("/ws") as socket:
+        first = socket.receive_json()
+        assert first["alarms_reset"] and first["alarms_file"] == str(alarms_file)
+        assert [(a["step"], a["layer"]) for a in first["alarms"]] == [(2, 0), (2, 1)] and len(first["records"]) == 4
+        with alarms_file.open("a") as file:
+            file.write(alarm_lines[2])
+        pushed = socket.receive_json()
+        assert not pushed["alarms_reset"] and not pushed["reset"] and pushed["records"] == []
+        assert [(a["step"], a["layer"]) for a in pushed["alarms"]] == [(4, 0)]
 
 
 def test_cli_names_a_missing_run_dir(tmp_path, capsys):

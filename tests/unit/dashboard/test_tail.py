@@ -5,6 +5,7 @@ import json
 import pytest
 
 from moe_lightning.dashboard import StatsTail
+from moe_lightning.dashboard.tail import TailCursor
 
 
 def test_a_missing_run_dir_is_named(tmp_path):
@@ -45,3 +46,20 @@ def test_a_shrunk_file_is_read_again_from_the_start(tmp_path, stats_lines):
     path.write_text(stats_lines[0])
     assert tail.poll() == [] and tail.records == [] and tail.generation == 1
     assert [r["step"] for r in tail.poll()] == [1]
+
+
+def test_a_cursor_takes_each_record_once_and_everything_again_after_a_restart(tmp_path, alarm_lines):
+    path = tmp_path / "alarms.jsonl"
+    path.write_text("".join(alarm_lines[:3]))
+    tail = StatsTail(tmp_path, "alarms.jsonl")
+    cursor = TailCursor(tail)
+    assert cursor.take() == (True, [])  # a new reader starts over, before anything was read
+    tail.poll()
+    reset, taken = cursor.take()
+    assert not reset and [(a["step"], a["layer"]) for a in taken] == [(2, 0), (2, 1), (4, 0)]
+    assert cursor.take() == (False, [])
+    path.write_text(alarm_lines[0])  # shorter: the run restarted in place
+    tail.poll()
+    tail.poll()
+    reset, taken = cursor.take()
+    assert reset and [(a["step"], a["layer"]) for a in taken] == [(2, 0)]
