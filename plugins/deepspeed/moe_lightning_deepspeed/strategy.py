@@ -19,7 +19,7 @@ Only the name of the backend differs from the native strategy; the model, router
 from __future__ import annotations
 
 import os
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,8 +33,13 @@ from torch.nn import Module
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from moe_lightning.checkpoint import load_for_rank
+from moe_lightning.checkpoint.sharded import local_slice
 from moe_lightning.strategies.expert_parallel import Size, resolve_parallel_sizes
 from moe_lightning.strategies.sharding import place_experts
+from moe_lightning_deepspeed.checkpoint import (
+    LIGHTNING_KEYS, TAG, is_deepspeed_checkpoint, read_expert_shards, save_expert_shard,
+)
 
 STAGES = (1, 2, 3)
 
@@ -90,6 +95,8 @@ class DeepSpeedExpertParallelStrategy(DeepSpeedStrategy):
         self._expert_parallel_size = 1 if configured == 3 else expert_parallel_size
         self._device_mesh: DeviceMesh | None = None
         self._expert_group: str | None = None
+        self._expert_names: list[str] = []
+        self._loading_ours = False
 
     @property
     def device_mesh(self) -> DeviceMesh:
@@ -146,6 +153,7 @@ class DeepSpeedExpertParallelStrategy(DeepSpeedStrategy):
         assert self.model is not None
         self.model.to(self.root_device)
         names = place_experts(self.model, self.device_mesh)
+        self._expert_names = names if self.stage < 3 else []
         if names and self.stage < 3:
             from moe_lightning_deepspeed.engine import create_expert_groups, mark_expert_parameters
 
@@ -167,6 +175,60 @@ class DeepSpeedExpertParallelStrategy(DeepSpeedStrategy):
             tag_expert_param_groups(optimizer)
         engine = initialize_engine(model, optimizer, lr_scheduler, self.config, experts=self._expert_group is not None)
         return engine, engine.optimizer
+
+    # ----------------------------------------------------------------- checkpoints
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """DeepSpeed's checkpoint directory, plus each expert-parallel rank's experts (see
+        :mod:`moe_lightning_deepspeed.checkpoint`)."""
+        lightning_keys = [key for key in checkpoint if key not in ("state_dict", "optimizer_states")]
+        super().save_checkpoint({**checkpoint, LIGHTNING_KEYS: lightning_keys}, filepath, storage_options)
+        if self._expert_names:
+            if self.device_mesh["data_parallel"].get_local_rank() == 0:
+                module = self.lightning_module
+                experts = {name: module.get_parameter(name).detach() for name in self._expert_names}
+                ep = self.device_mesh["expert_parallel"]
+                save_expert_shard(Path(self.broadcast(str(filepath))) / TAG, experts, ep.get_local_rank(), ep.size())
+            self.barrier()
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """A DeepSpeed checkpoint directory resumes everything (DeepSpeed restores each rank's ZeRO partitions, its
+        experts' among them); a moe_lightning checkpoint (a file, or a sharded directory of any expert-parallel size)
+        gives the weights and the loop state, the ZeRO optimizer state starting afresh."""
+        path = Path(self.broadcast(str(checkpoint_path)))
+        self._loading_ours = not is_deepspeed_checkpoint(path)
+        if not self._loading_ours:
+            client_state = super().load_checkpoint(path, weights_only)
+            self._load_own_experts(path)
+            return client_state
+        ep = self.device_mesh["expert_parallel"]
+        info = {"expert_names": self._expert_names, "optimizer_param_names": []}
+        return load_for_rank(path, ep.get_local_rank(), ep.size(), info)
+
+    @torch.no_grad()
+    def _load_own_experts(self, path: Path) -> None:
+        # DeepSpeed loaded rank 0's module state on every rank (its experts are rank 0's) and each rank's own ZeRO
+        # partitions, whose fp32 weights reach the module only at the next step: this rank's experts come from its shard.
+        if not self._expert_names:
+            return
+        ep = self.device_mesh["expert_parallel"]
+        experts = read_expert_shards(path / TAG)
+        for name in self._expert_names:
+            self.lightning_module.get_parameter(name).copy_(local_slice(experts[name], ep.get_local_rank(), ep.size()))
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        if not self._loading_ours:
+            return  # the engine loaded DeepSpeed's checkpoint in load_checkpoint
+        assert self.lightning_module is not None
+        if self.stage == 3:
+            self._restore_zero_state(checkpoint, strict=strict)
+        else:
+            self.lightning_module.load_state_dict(checkpoint["state_dict"], strict=strict)
+        if self.deepspeed_engine.optimizer is not None:
+            # ZeRO steps its own fp32 copies of the weights: they must take the loaded values too.
+            self.deepspeed_engine.optimizer.refresh_fp32_params()
 
 
 def check_deepspeed_accelerator(device: torch.device) -> None:
