@@ -74,6 +74,7 @@ class AlarmRule:
                 f"{where}: action={self.action!r} acts on the layer's dead experts, so it needs a load metric "
                 f"{list(LOAD_METRICS)}, got metric={self.metric!r}"
             )
+        object.__setattr__(self, "threshold", threshold)  # an int from Python or YAML is a float like any other
 
     def is_past(self, value: float) -> bool:
         return value < self.threshold if self.metric in LOW_IS_BAD else value > self.threshold
@@ -144,7 +145,8 @@ class RoutingAlarms(Callback):
                             ("probe_size", probe_size), ("reinit_noise", reinit_noise), ("bias_bump", bias_bump)):
             if check_number(name, value) < 0:
                 raise ValueError(f"{name} must be >= 0, got {name}={value}")
-        if probe_size == 0 and any(rule.metric == "churn" for rule in self.rules):
+        measures_churn = any(rule.metric == "churn" for rule in self.rules)
+        if measures_churn and probe_size == 0:
             raise ValueError("a churn alarm compares a probe batch's routing between checks: it needs probe_size > 0")
         self.check_every_n_steps = check_every_n_steps
         self.dead_threshold = dead_threshold
@@ -159,7 +161,7 @@ class RoutingAlarms(Callback):
         """The alarms fired in this process's run (rank zero writes them to the file)."""
         self.num_reinits = 0
         self._window = CountsWindow(near_tie_threshold=near_tie_threshold)
-        self._probe = ChurnProbe(probe_size) if any(rule.metric == "churn" for rule in self.rules) else None
+        self._probe = ChurnProbe(probe_size) if measures_churn else None
 
     @property
     @override

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing import event_accumulator
 
@@ -98,6 +98,23 @@ def test_patience_counts_consecutive_checks_and_starts_over_after_firing(tmp_pat
     fit(tmp_path, alarms, biased_module([-1.0, 0, 0, 0]), max_steps=5)
     assert [alarm.step for alarm in alarms.fired if alarm.layer == 0] == [2, 4]
     assert alarms.strikes == [[1, 1]]
+
+
+def test_a_resumed_run_keeps_counting_strikes_and_appends_to_the_same_alarms_file(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=2)
+    rules = [AlarmRule("dead_experts", 0, patience=3), AlarmRule("churn", 0.5)]
+    first = RoutingAlarms(rules, check_every_n_steps=1)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    fitted = trainer(tmp_path, [checkpoint, first], logger=logger, max_steps=2, enable_checkpointing=True)
+    fitted.fit(biased_module([-1.0, 0, 0, 0]), loader())
+    assert first.fired == [] and first.strikes[0] == [2, 2]
+
+    resumed = RoutingAlarms(rules, check_every_n_steps=1)
+    fitted = trainer(tmp_path, [resumed], logger=TensorBoardLogger(tmp_path, name="other"), max_steps=3)
+    fitted.fit(biased_module([-1.0, 0, 0, 0]), loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert [(a.step, a.metric) for a in resumed.fired] == [(3, "dead_experts"), (3, "dead_experts")]
+    assert resumed.alarms_path == first.alarms_path  # the first run's file, not the new logger's
+    assert len((tmp_path / "tb" / "version_0" / "alarms.jsonl").read_text().splitlines()) == 2
 
 
 def test_stop_ends_training_at_the_check_that_fires(tmp_path):
