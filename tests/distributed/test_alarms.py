@@ -74,7 +74,8 @@ def test_both_ranks_fire_the_same_alarms_and_stop_at_the_same_step(ranks):
 
 
 def test_the_bias_bumps_are_the_same_on_both_ranks_and_what_the_alarms_say(ranks):
-    bumps = [(step, layer, experts) for step, layer, metric, _, experts in ranks[0]["fired"] if metric == "dead_experts"]
+    fired = ranks[0]["fired"]
+    bumps = [(step, layer, experts) for step, layer, metric, _, experts in fired if metric == "dead_experts"]
     assert bumps[:2] == [(1, 0, [0]), (1, 1, [0])]  # expert 0, dead from the start, is bumped at the first check
     for layer in (0, 1):
         expected = torch.tensor([-1.0, 0, 0, 0])
