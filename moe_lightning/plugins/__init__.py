@@ -19,7 +19,7 @@ from moe_lightning.plugins.registry import load_target, register_plugin_strategi
 
 __all__ = [
     "ENTRY_POINT_GROUP", "InstalledPlugin", "KINDS", "KNOWN_PLUGINS", "Kind", "KnownPlugin", "Plugin",
-    "PluginNotInstalledError", "Registration", "describe_plugins", "installed_plugins", "load_target", "missing_plugin_error",
-    "plugins_main",
+    "PluginNotInstalledError", "Registration", "describe_plugins", "installed_plugins", "load_target",
+    "missing_plugin_error", "plugins_main",
     "register_plugin_strategies", "registrations", "resolve",
 ]

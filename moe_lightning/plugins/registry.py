@@ -47,7 +47,9 @@ def resolve(kind: Kind, name: str) -> Any:
     if provider is not None:
         broken = next((p for p in plugins if p.name == provider.name and p.error), None)
         if broken is not None:
-            raise ValueError(f"{kind} {name!r} comes from the {provider.name!r} plugin, which is broken: {broken.error}")
+            raise ValueError(
+                f"{kind} {name!r} comes from the {provider.name!r} plugin, which is broken: {broken.error}"
+            )
         raise PluginNotInstalledError(f"{kind} {name!r}", provider)
     raise ValueError(f"unknown {kind} {name!r}: installed plugins register {sorted(found) or 'none'}")
 

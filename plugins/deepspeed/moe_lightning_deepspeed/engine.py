@@ -102,6 +102,7 @@ def initialize_engine(
     :class:`ExpertParallelEngine` where ``experts`` (marked expert parameters) is true."""
     engine_class = ExpertParallelEngine if experts else DeepSpeedEngine
     return engine_class(
-        args=None, model=model, optimizer=optimizer, model_parameters=[p for p in model.parameters() if p.requires_grad],
-        lr_scheduler=lr_scheduler, dist_init_required=False, config=config, config_class=DeepSpeedConfig(config),
+        args=None, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
+        model_parameters=[p for p in model.parameters() if p.requires_grad], dist_init_required=False,
+        config=config, config_class=DeepSpeedConfig(config),
     )

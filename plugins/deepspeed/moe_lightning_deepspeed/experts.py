@@ -63,8 +63,8 @@ class DeepSpeedMoELayer(nn.Module):
         factor = 1.0 if capacity_factor is None else capacity_factor
         self.moe = MoE(
             dim, ExpertMLP(dim, hidden_dim, activation), num_experts, ep_size, k=num_experts_per_token,
-            capacity_factor=factor, eval_capacity_factor=factor, min_capacity=0, drop_tokens=capacity_factor is not None,
-            use_rts=False, top2_2nd_expert_sampling=False,
+            capacity_factor=factor, eval_capacity_factor=factor, min_capacity=0,
+            drop_tokens=capacity_factor is not None, use_rts=False, top2_2nd_expert_sampling=False,
         )
         self.dim = dim
         self.num_experts = num_experts
@@ -83,7 +83,9 @@ class DeepSpeedMoELayer(nn.Module):
         """Create DeepSpeed's expert groups, as ``deepspeed.initialize`` does for the model it is given."""
         self.moe.set_deepspeed_parallelism()
 
-    def forward(self, x: Tensor, token_ids: Tensor | None = None, padding_mask: Tensor | None = None) -> tuple[Tensor, Routing]:
+    def forward(
+        self, x: Tensor, token_ids: Tensor | None = None, padding_mask: Tensor | None = None
+    ) -> tuple[Tensor, Routing]:
         if x.shape[-1] != self.dim:
             raise ValueError(f"DeepSpeedMoELayer expects last dimension {self.dim}, got input shape {tuple(x.shape)}")
         if token_ids is not None or padding_mask is not None:

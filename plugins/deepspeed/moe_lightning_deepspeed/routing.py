@@ -1,5 +1,5 @@
-"""A :class:`~moe_lightning.Routing` from DeepSpeed's ``TopKGate`` outputs, so analytics and callbacks read DeepSpeed-MoE
-layers as they read ours.
+"""A :class:`~moe_lightning.Routing` from DeepSpeed's ``TopKGate`` outputs, so analytics and callbacks read
+DeepSpeed-MoE layers as they read ours.
 
 Shape legend: T tokens, E experts, K experts per token, N routed rows.
 """

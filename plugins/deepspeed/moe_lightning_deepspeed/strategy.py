@@ -55,7 +55,8 @@ class DeepSpeedExpertParallelStrategy(DeepSpeedStrategy):
         stage: the ZeRO stage, 1, 2 or 3; ``None``: the config's ``zero_optimization.stage``, else 2.
         expert_parallel_size: P, the ranks sharing one copy of the experts; ``"auto"``: the world size (1 at stage 3).
         config: a DeepSpeed config (dict or JSON path); ``None``: Lightning's default for ``stage``. It must not set
-            ``expert_parallel`` (DeepSpeed's AutoEP, which would replace our MoE layers) nor a stage other than ``stage``.
+            ``expert_parallel`` (DeepSpeed's AutoEP, which would replace our MoE layers) nor another stage than
+            ``stage``.
         kwargs: the other arguments of Lightning's ``DeepSpeedStrategy``.
     """
 
@@ -209,7 +210,8 @@ class DeepSpeedExpertParallelStrategy(DeepSpeedStrategy):
     @torch.no_grad()
     def _load_own_experts(self, path: Path) -> None:
         # DeepSpeed loaded rank 0's module state on every rank (its experts are rank 0's) and each rank's own ZeRO
-        # partitions, whose fp32 weights reach the module only at the next step: this rank's experts come from its shard.
+        # partitions, whose fp32 weights reach the module only at the next step: this rank's experts come from its
+        # shard.
         if not self._expert_names:
             return
         ep = self.device_mesh["expert_parallel"]

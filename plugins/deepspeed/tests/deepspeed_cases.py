@@ -24,7 +24,8 @@ def loader(batch_size: int, world_size: int, rank: int) -> DataLoader:
     """``STEPS`` batches per rank; rank r of W reads samples r, r + W, ... (the global batch of a step is the
     one-process batch of that step, W times larger)."""
     dataset = RandomTokens(STEPS * batch_size * world_size)
-    return DataLoader(dataset, batch_size=batch_size, sampler=DistributedSampler(dataset, world_size, rank, shuffle=False))
+    sampler = DistributedSampler(dataset, world_size, rank, shuffle=False)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
 
 
 def fit(strategy, world_size: int, rank: int, batch_size: int = BATCH, ckpt_path=None, **trainer_kwargs):

@@ -27,7 +27,9 @@ def test_the_entry_point_is_found_and_matches_what_the_core_expects_of_it():
         plugins.load_target(registration.target)  # every target imports
 
 
-@pytest.mark.parametrize("name,stage", [("deepspeed_moe", 2), ("deepspeed_moe_stage_1", 1), ("deepspeed_moe_stage_3", 3)])
+@pytest.mark.parametrize(
+    "name,stage", [("deepspeed_moe", 2), ("deepspeed_moe_stage_1", 1), ("deepspeed_moe_stage_3", 3)]
+)
 def test_strategy_names_give_the_strategy(name, stage):
     trainer = Trainer(strategy=name, accelerator="cpu", devices=1, logger=False)
     assert type(trainer.strategy) is DeepSpeedExpertParallelStrategy and trainer.strategy.stage == stage
@@ -62,9 +64,10 @@ def test_bad_arguments_are_named():
         DeepSpeedExpertParallelStrategy(config={"zero_optimization": {"stage": 0}})
     with pytest.raises(ValueError, match="ZeRO stage 3 runs with expert_parallel_size=1 .*got expert_parallel_size=2"):
         DeepSpeedExpertParallelStrategy(stage=3, expert_parallel_size=2)
+    autoep = {"zero_optimization": {"stage": 2}, "expert_parallel": {"autoep_size": 2}}
     with pytest.raises(ValueError, match=r"sets expert_parallel=\{'autoep_size': 2\} \(DeepSpeed's AutoEP"):
-        DeepSpeedExpertParallelStrategy(config={"zero_optimization": {"stage": 2}, "expert_parallel": {"autoep_size": 2}})
-    with pytest.raises(ValueError, match="expert_parallel_size must be 'auto' or an int >= 1, got expert_parallel_size=0"):
+        DeepSpeedExpertParallelStrategy(config=autoep)
+    with pytest.raises(ValueError, match="must be 'auto' or an int >= 1, got expert_parallel_size=0"):
         DeepSpeedExpertParallelStrategy(expert_parallel_size=0)
 
 
@@ -90,7 +93,7 @@ def test_expert_groups_are_tagged_and_a_mixed_group_is_refused():
     tag_expert_param_groups(optimizer)
     assert "moe" not in optimizer.param_groups[0]
     assert (optimizer.param_groups[1]["moe"], optimizer.param_groups[1]["name"]) == (True, "ep_size_2")
-    with pytest.raises(ValueError, match=r"param group 0 mixes expert parameters \(groups \['ep_size_2'\]\) with dense"):
+    with pytest.raises(ValueError, match=r"param group 0 mixes expert parameters \(groups \['ep_size_2'\]\) with"):
         tag_expert_param_groups(torch.optim.AdamW([expert, dense]))
 
 

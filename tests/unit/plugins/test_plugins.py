@@ -36,9 +36,11 @@ def install_fake(root, name, module_source=PLUGIN_MODULE, entry="PLUGIN"):
 
 @pytest.fixture
 def site(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield tmp_path
-    for name in [name for name, module in sys.modules.items() if str(getattr(module, "__file__", "")).startswith(str(tmp_path))]:
+    site = tmp_path
+    monkeypatch.syspath_prepend(str(site))
+    yield site
+    fakes = [name for name, module in sys.modules.items() if str(getattr(module, "__file__", "")).startswith(str(site))]
+    for name in fakes:
         del sys.modules[name]  # the next test's fake of the same name must be imported afresh
 
 
@@ -95,7 +97,9 @@ def test_a_broken_plugin_is_reported_and_the_others_still_load(site):
     install_fake(site, "gamma", entry="NOT_THERE")
     found = {p.name: p for p in fakes(plugins.installed_plugins())}
     assert found["alpha"].error is None
-    assert "beta = beta_pkg:PLUGIN of fake-beta 0.3 failed to load: ImportError('no backend here')" in found["beta"].error
+    assert "beta = beta_pkg:PLUGIN of fake-beta 0.3 failed to load: ImportError('no backend here')" in (
+        found["beta"].error
+    )
     assert "gamma = gamma_pkg:NOT_THERE" in found["gamma"].error
     assert "broken: entry point beta" in plugins.describe_plugins(list(found.values()))
 
@@ -123,11 +127,12 @@ def absent_plugin(monkeypatch):
 
 
 def test_a_missing_plugins_name_says_what_to_install(absent_plugin, clean_registry):
-    expected = r"'absent' plugin \(package moe_lightning_absent\), which is not installed: run `pip install -e plugins/absent`"
-    with pytest.raises(plugins.PluginNotInstalledError, match="experts 'absent_experts' is provided by the " + expected):
+    expected = (r"is provided by the 'absent' plugin \(package moe_lightning_absent\), which is not installed: "
+                r"run `pip install -e plugins/absent`")
+    with pytest.raises(plugins.PluginNotInstalledError, match="experts 'absent_experts' " + expected):
         plugins.resolve("experts", "absent_experts")
     plugins.register_plugin_strategies()
-    with pytest.raises(plugins.PluginNotInstalledError, match="strategy 'absent_strategy' is provided by the " + expected):
+    with pytest.raises(plugins.PluginNotInstalledError, match="strategy 'absent_strategy' " + expected):
         Trainer(strategy="absent_strategy", accelerator="cpu", logger=False)
 
 
