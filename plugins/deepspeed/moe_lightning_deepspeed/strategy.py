@@ -154,16 +154,16 @@ class DeepSpeedExpertParallelStrategy(DeepSpeedStrategy):
         assert self.model is not None
         self.model.to(self.root_device)
         names = place_experts(self.model, self.device_mesh)
-        self._expert_names = names if self.stage < 3 else []
-        if names and self.stage < 3:
-            from moe_lightning_deepspeed.engine import create_expert_groups, mark_expert_parameters
-
-            self._expert_group = create_expert_groups(self.device_mesh)
-            mark_expert_parameters(self.model, names, self._expert_group)
-        if self.stage == 3:
+        if self.stage == 3:  # experts replicated (EP=1): ZeRO-3 partitions them as it partitions dense parameters
             from moe_lightning_deepspeed.engine import register_router_parameters
 
             register_router_parameters(self.model)
+        elif names:
+            from moe_lightning_deepspeed.engine import create_expert_groups, mark_expert_parameters
+
+            self._expert_names = names
+            self._expert_group = create_expert_groups(self.device_mesh)
+            mark_expert_parameters(self.model, names, self._expert_group)
         super().setup(trainer)
 
     @override
@@ -184,13 +184,14 @@ class DeepSpeedExpertParallelStrategy(DeepSpeedStrategy):
         :mod:`moe_lightning_deepspeed.checkpoint`)."""
         lightning_keys = [key for key in checkpoint if key not in ("state_dict", "optimizer_states")]
         super().save_checkpoint({**checkpoint, LIGHTNING_KEYS: lightning_keys}, filepath, storage_options)
-        if self._expert_names:
-            if self.device_mesh["data_parallel"].get_local_rank() == 0:
-                module = self.lightning_module
-                experts = {name: module.get_parameter(name).detach() for name in self._expert_names}
-                ep = self.device_mesh["expert_parallel"]
-                save_expert_shard(Path(self.broadcast(str(filepath))) / TAG, experts, ep.get_local_rank(), ep.size())
-            self.barrier()
+        if not self._expert_names:
+            return
+        directory = Path(self.broadcast(str(filepath))) / TAG
+        if self.device_mesh["data_parallel"].get_local_rank() == 0:  # one replica of each expert-parallel rank
+            experts = {name: self.lightning_module.get_parameter(name).detach() for name in self._expert_names}
+            ep = self.device_mesh["expert_parallel"]
+            save_expert_shard(directory, experts, ep.get_local_rank(), ep.size())
+        self.barrier()
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:

@@ -133,3 +133,24 @@ def test_gradient_clipping_with_sharded_experts_is_refused(runs):
     _, _, _, _, two = runs
     assert "gradient clipping needs expert_parallel_size=1 with DeepSpeed" in two[0]["clip_error"]
     assert "gradient_clip_val=1.0 and expert_parallel_size=2" in two[0]["clip_error"]
+
+
+def _four_processes(rank, world_size, tmp):
+    run, result = fit(DeepSpeedExpertParallelStrategy(stage=2, expert_parallel_size=2), world_size, rank)
+    run.save_checkpoint(f"{tmp}/dp2_ep2")
+    torch.save(result, f"{tmp}/four{rank}.pt")
+
+
+def test_zero2_on_4_processes_with_2_replicas_of_the_experts_equals_one_process(tmp_path):
+    # Experts are reduced over their data-parallel replicas (ranks 0, 2 and 1, 3), dense parameters over all four.
+    _, reference = fit("auto", 1, 0, batch_size=4 * BATCH)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(RUN_CONFIG))
+    run_workers(_four_processes, 4, str(tmp_path))
+    four = [torch.load(tmp_path / f"four{rank}.pt") for rank in range(4)]
+    losses = list(torch.tensor([result["losses"] for result in four]).mean(0))
+    for rank, result in enumerate(four):
+        assert_same_run({**result, "losses": losses}, reference, rank, ep=2)
+    convert_to_lightning(tmp_path / "dp2_ep2", tmp_path / "dp2_ep2.ckpt")
+    engine = InferenceEngine.from_checkpoint(tmp_path / "dp2_ep2.ckpt", config=tmp_path / "config.yaml")
+    with torch.no_grad():
+        torch.testing.assert_close(engine.model(probe_batch()).logits, four[0]["logits"], rtol=0, atol=0)
