@@ -110,3 +110,12 @@ def test_moe_lightning_module_gives_marked_experts_groups_of_their_own():
     [expert_group] = [g for g in marked if any(not getattr(p, "allreduce", True) for p in g["params"])]
     assert {id(p) for p in expert_group["params"]} == {id(module.get_parameter(n)) for n in experts}
     assert expert_group["weight_decay"] == module.hparams.weight_decay  # the same settings as the other matrices
+
+
+def test_the_converter_names_a_directory_that_is_not_a_deepspeed_checkpoint(tmp_path, capsys):
+    from moe_lightning_deepspeed.convert import main
+
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), str(tmp_path / "out.ckpt")])
+    assert f"{tmp_path} is not a DeepSpeed checkpoint directory: it has none of checkpoint/" in capsys.readouterr().err
+    assert not (tmp_path / "out.ckpt").exists()

@@ -10,7 +10,7 @@ pytest.importorskip("moe_lightning_deepspeed")
 
 from deepspeed_cases import fit, local  # noqa: E402
 from moe_lightning.inference import InferenceEngine  # noqa: E402
-from moe_lightning_deepspeed import DeepSpeedExpertParallelStrategy  # noqa: E402
+from moe_lightning_deepspeed import DeepSpeedExpertParallelStrategy, convert  # noqa: E402
 from moe_lightning_deepspeed.checkpoint import convert_to_lightning  # noqa: E402
 from tests.distributed.launch import run_workers  # noqa: E402
 from tests.distributed.lm_cases import BATCH, probe_batch  # noqa: E402
@@ -150,7 +150,7 @@ def test_zero2_on_4_processes_with_2_replicas_of_the_experts_equals_one_process(
     losses = list(torch.tensor([result["losses"] for result in four]).mean(0))
     for rank, result in enumerate(four):
         assert_same_run({**result, "losses": losses}, reference, rank, ep=2)
-    convert_to_lightning(tmp_path / "dp2_ep2", tmp_path / "dp2_ep2.ckpt")
+    convert.main([str(tmp_path / "dp2_ep2"), str(tmp_path / "dp2_ep2.ckpt")])  # the command line
     engine = InferenceEngine.from_checkpoint(tmp_path / "dp2_ep2.ckpt", config=tmp_path / "config.yaml")
     with torch.no_grad():
         torch.testing.assert_close(engine.model(probe_batch()).logits, four[0]["logits"], rtol=0, atol=0)
