@@ -119,3 +119,18 @@ def test_the_converter_names_a_directory_that_is_not_a_deepspeed_checkpoint(tmp_
         main([str(tmp_path), str(tmp_path / "out.ckpt")])
     assert f"{tmp_path} is not a DeepSpeed checkpoint directory: it has none of checkpoint/" in capsys.readouterr().err
     assert not (tmp_path / "out.ckpt").exists()
+
+
+def test_yaml_names_the_strategy_by_short_name_or_by_class_path():
+    # LightningCLI's trainer.strategy is Union[str, Strategy]: a name stays a string for Trainer's registry lookup.
+    from typing import Union
+
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.strategies import Strategy
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--strategy", type=Union[str, Strategy])
+    by_path = {"class_path": "moe_lightning_deepspeed.DeepSpeedExpertParallelStrategy", "init_args": {"stage": 1}}
+    strategy = parser.instantiate(parser.parse_object({"strategy": by_path})).strategy
+    assert type(strategy) is DeepSpeedExpertParallelStrategy and strategy.stage == 1
+    assert parser.parse_object({"strategy": "deepspeed_moe_stage_3"}).strategy == "deepspeed_moe_stage_3"
