@@ -23,6 +23,7 @@ from moe_lightning.callbacks.crash_safe_checkpoint import CrashSafeCheckpoint
 from moe_lightning.checkpoint.cli_options import add_trusted_key_argument, exit_on_artifact_error
 from moe_lightning.checkpoint.errors import ArtifactError
 from moe_lightning.module import MoELightningModule, unpack_output
+from moe_lightning.strategies.process_groups import release_process_groups
 
 if TYPE_CHECKING:
     from moe_lightning.inference.plan import ServingPlan
@@ -453,8 +454,15 @@ def _signing_module(parser: argparse.ArgumentParser) -> Any:
     return signing
 
 
+def plugins_main(args: list[str]) -> None:
+    """``moe-lightning plugins``: the installed backend plugins, what each registers, and what is not installed."""
+    from moe_lightning.plugins import plugins_main as run
+
+    run(args)
+
+
 SUBCOMMANDS = {
-    "report": report_main, "dashboard": dashboard_main, "export": export_main, "generate": generate_main,
+    "plugins": plugins_main, "report": report_main, "dashboard": dashboard_main, "export": export_main, "generate": generate_main,
     "quantize": quantize_main, "plan": plan_main, "serve": serve_main, "import-hf": import_hf_main,
     "export-hf": export_hf_main,
     "keygen": keygen_main, "sign": sign_main, "verify": verify_main,
@@ -471,3 +479,5 @@ def main(args: list[str] | None = None) -> None:
         if os.environ.get(DEBUG_ENV, "0") not in ("", "0"):
             raise
         sys.exit(f"moe-lightning: error: {user_error(error)}\n({DEBUG_ENV}=1 shows the traceback)")
+    finally:
+        release_process_groups()
